@@ -1,0 +1,126 @@
+"""From a data config to validated, normalized, domain-labelled slice batches.
+
+`prepare_data(config.data, workdir=...)`:
+1. generates the embedded brain-sites benchmark if `root` is missing and `synthesize.if_missing`;
+2. loads and validates every case of the source and held-out sites (`load_dataset`);
+3. reads the split file, or makes one (`make_splits`) and saves it in the workdir;
+4. fits the normalizer on the *training cases of the source sites only* (histogram landmarks
+   never see a validation, test or held-out volume);
+5. builds the training slice cache. Validation/test volumes stay whole for 3-D evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import ml_collections
+
+from medgen_jax.data.errors import DataError
+from medgen_jax.data.layouts import DatasetInfo
+from medgen_jax.data.loading import Case, load_dataset
+from medgen_jax.data.normalize import Normalizer, make_normalizer
+from medgen_jax.data.sampler import SliceCache, build_slice_cache
+from medgen_jax.data.splits import (check_splits_match_cases, load_splits, make_splits,
+                                    protocol_cases, save_splits)
+from medgen_jax.data.synthesize import ensure_brain_sites
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `config.data` block every experiment config starts from (brain-sites defaults)."""
+  c = ml_collections.ConfigDict()
+  c.root = "data/brain-sites"
+  c.layout = "auto"            # auto | prostate6 | sites
+  c.sites = ()                 # source sites; () = every site folder not held out
+  c.held_out = ()              # test-only sites (leave-one-site-out)
+  c.channel = -1               # channel of 4-D images; -1 = images must be 3-D
+  c.skip_bad_cases = False     # True: drop bad cases with a warning naming each file
+  c.synthesize = ml_collections.ConfigDict(
+      {"if_missing": True, "sites": 4, "cases_per_site": 6, "seed": 0})
+  c.split_file = ""            # '' = make one from `split` and save it as <workdir>/splits.json
+  c.split = ml_collections.ConfigDict({"val_fraction": 0.2, "test_fraction": 0.2, "seed": 0})
+  c.bias_correction = "none"
+  c.normalization = ml_collections.ConfigDict({
+      "name": "whitening", "foreground": "none",
+      "clip_percentiles": ml_collections.FieldReference(None, field_type=tuple),
+      "percentiles": ml_collections.FieldReference(None, field_type=tuple),
+      "standard_range": ml_collections.FieldReference(None, field_type=tuple)})
+  c.in_plane_shape = (128, 128)
+  c.in_plane_spacing = ()      # () = keep the data's spacing; e.g. (1.0, 1.0) to resample
+  c.context_slices = 1         # odd k: k adjacent slices as channels (2.5-D)
+  c.slices = "foreground"      # foreground | all: which slices are drawn for training
+  c.cache_dtype = "float32"    # float32 | float16
+  return c
+
+
+@dataclasses.dataclass
+class PreparedData:
+  info: DatasetInfo
+  sources: list[str]
+  held_out: list[str]
+  domain_ids: dict[str, int]
+  splits: dict
+  protocol: dict[str, dict[str, list[str]]]   # split -> site -> case ids
+  normalizer: Normalizer
+  train: SliceCache
+  cases: dict[str, dict[str, list[Case]]]    # split -> site -> whole volumes
+
+  @property
+  def num_classes(self) -> int:
+    return self.info.num_classes
+
+
+def make_normalizer_from_config(norm: ml_collections.ConfigDict) -> Normalizer:
+  options = {k: norm[k] for k in norm if k != "name"}
+  return make_normalizer(norm.name, **options)
+
+
+def prepare_data(config: ml_collections.ConfigDict, *, workdir: str | Path | None = None,
+                 progress=print) -> PreparedData:
+  root = Path(config.root)
+  if not root.exists() and config.synthesize.if_missing and root.name.startswith("brain-sites"):
+    ensure_brain_sites(root, sites=config.synthesize.sites,
+                       cases_per_site=config.synthesize.cases_per_site,
+                       seed=config.synthesize.seed, progress=progress)
+  held_out = list(config.held_out)
+  requested = list(config.sites) + [s for s in held_out if s not in config.sites] if config.sites else None
+  info, cases_by_site = load_dataset(root, layout=config.layout, sites=requested,
+                                     channel=None if config.channel < 0 else config.channel,
+                                     skip_bad_cases=config.skip_bad_cases)
+  all_sites = sorted(cases_by_site)
+  missing_held_out = [s for s in held_out if s not in cases_by_site]
+  if missing_held_out:
+    raise DataError.single(f"data.held_out={held_out}", f"site(s) {missing_held_out} do not exist",
+                           f"choose from {all_sites}")
+  sources = [s for s in (config.sites or all_sites) if s not in held_out]
+  if not sources:
+    raise DataError.single("data.sites", "no source site left after removing the held-out sites",
+                           "keep at least one training site")
+  domain_ids = {s: i for i, s in enumerate(all_sites)}
+  case_ids = {s: [c.case_id for c in cases] for s, cases in cases_by_site.items()}
+
+  if config.split_file:
+    splits = load_splits(config.split_file)
+    check_splits_match_cases(splits, case_ids, source=config.split_file)
+  else:
+    splits = make_splits(case_ids, val_fraction=config.split.val_fraction,
+                         test_fraction=config.split.test_fraction, seed=config.split.seed)
+    if workdir is not None:
+      save_splits(Path(workdir) / "splits.json", splits, seed=config.split.seed)
+  protocol = protocol_cases(splits, sources=sources, held_out=held_out)
+  by_key = {c.key: c for cases in cases_by_site.values() for c in cases}
+  cases = {name: {site: [by_key[f"{site}/{cid}"] for cid in ids] for site, ids in per_site.items()}
+           for name, per_site in protocol.items()}
+  empty_train = [s for s in sources if not cases["train"][s]]
+  if empty_train:
+    raise DataError.single(f"sites {empty_train}", "have no training case",
+                           "give them more cases or lower data.split.val_fraction/test_fraction")
+
+  normalizer = make_normalizer_from_config(config.normalization).fit(
+      [c.image for site in sources for c in cases["train"][site]])
+  train = build_slice_cache(cases["train"], normalizer=normalizer,
+                            in_plane_shape=tuple(config.in_plane_shape), domain_ids=domain_ids,
+                            in_plane_spacing=tuple(config.in_plane_spacing) or None,
+                            context_slices=config.context_slices, cache_dtype=config.cache_dtype,
+                            slices=config.slices, bias_correction=config.bias_correction)
+  return PreparedData(info, sources, held_out, domain_ids, splits, protocol, normalizer, train, cases)

@@ -1,0 +1,207 @@
+"""Slice cache and batch samplers: domain-balanced, deterministic, resumable.
+
+Volumes are preprocessed once into a per-site slice cache `[N, H, W]` (float16 or float32).
+A batch is a pure function of `(seed, step)`: the step's generator is
+`np.random.default_rng([seed, step])`, so restoring a sampler is restoring its step, and the
+batches after a restart are exactly those of an uninterrupted run.
+
+Batches hold `image [B, H, W, C]` float32, `label [B, H, W]` int32 and `domain [B]` int32.
+Sites are interleaved (A, B, C, A, B, C, ...), so any contiguous chunk whose size is a multiple
+of the number of sites is itself domain-balanced: `parallel.shard_batch` relies on that to give
+every device a balanced share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from medgen_jax.data.errors import DataError
+from medgen_jax.data.preprocess import context_offsets, preprocess_case
+
+SLICE_SELECTIONS = ("foreground", "all")
+
+
+@dataclasses.dataclass
+class SiteSlices:
+  """All slices of one site's cases, stacked: slice i belongs to volume `case_index[i]`,
+  whose slices are `first[i] .. last[i]` (for clamping 2.5-D context at volume ends)."""
+
+  images: np.ndarray     # [N, H, W] cache dtype
+  labels: np.ndarray     # [N, H, W] uint8
+  first: np.ndarray      # [N] int64
+  last: np.ndarray       # [N] int64
+  eligible: np.ndarray   # indices that may be drawn as centre slices
+  case_ids: list[str]
+  case_index: np.ndarray  # [N] int64
+
+
+@dataclasses.dataclass
+class SliceCache:
+  sites: dict[str, SiteSlices]
+  domain_ids: dict[str, int]
+  context_slices: int = 1
+
+  def gather(self, site: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image [n, H, W, C] float32, label [n, H, W] int32) for centre slices `indices`."""
+    s = self.sites[site]
+    if self.context_slices == 1:
+      image = s.images[indices][..., None]
+    else:
+      neighbours = indices[:, None] + context_offsets(self.context_slices)[None, :]
+      neighbours = np.clip(neighbours, s.first[indices, None], s.last[indices, None])
+      image = np.moveaxis(s.images[neighbours], 1, -1)
+    return image.astype(np.float32), s.labels[indices].astype(np.int32)
+
+
+def build_slice_cache(cases_by_site: Mapping[str, Sequence], *, normalizer, in_plane_shape,
+                      domain_ids: Mapping[str, int], in_plane_spacing=None, context_slices: int = 1,
+                      cache_dtype: str = "float32", slices: str = "foreground",
+                      bias_correction: str = "none") -> SliceCache:
+  """Preprocesses every case once (see preprocess.preprocess_case) and stacks its axial slices.
+
+  `slices='foreground'` draws only slices holding some label > 0 (the prostate code samples
+  within the gland's extent); 'all' draws every slice. Context neighbours may be any slice.
+  """
+  if slices not in SLICE_SELECTIONS:
+    raise DataError.single(f"data.slices={slices!r}", "unknown slice selection",
+                           f"use one of {', '.join(SLICE_SELECTIONS)}")
+  if cache_dtype not in ("float16", "float32"):
+    raise DataError.single(f"data.cache_dtype={cache_dtype!r}", "unsupported cache dtype",
+                           "use float16 (half the memory) or float32")
+  context_offsets(context_slices)  # validates
+  out = {}
+  for site, cases in cases_by_site.items():
+    images, labels, first, last, case_index = [], [], [], [], []
+    offset = 0
+    for k, case in enumerate(cases):
+      image, label = preprocess_case(case.image, case.label, case.spacing, normalizer=normalizer,
+                                     in_plane_shape=in_plane_shape, in_plane_spacing=in_plane_spacing,
+                                     bias_correction=bias_correction)
+      depth = image.shape[2]
+      images.append(np.moveaxis(image, 2, 0).astype(cache_dtype))
+      labels.append(np.moveaxis(label, 2, 0))
+      first.append(np.full(depth, offset))
+      last.append(np.full(depth, offset + depth - 1))
+      case_index.append(np.full(depth, k))
+      offset += depth
+    labels_arr = np.concatenate(labels)
+    if slices == "foreground":
+      eligible = np.flatnonzero(labels_arr.reshape(len(labels_arr), -1).max(axis=1) > 0)
+    else:
+      eligible = np.arange(len(labels_arr))
+    if len(eligible) == 0:
+      raise DataError.single(f"site {site}", "has no slice with a foreground label to sample",
+                             "check its labels, or set data.slices='all'")
+    out[site] = SiteSlices(np.concatenate(images), labels_arr, np.concatenate(first),
+                           np.concatenate(last), eligible, [c.case_id for c in cases],
+                           np.concatenate(case_index))
+  return SliceCache(out, dict(domain_ids), context_slices)
+
+
+def _balanced_batch(cache: SliceCache, sites: Sequence[str], per_site: int,
+                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """`per_site` random slices from each site, interleaved A, B, C, A, B, C, ..."""
+  n = len(sites)
+  first = cache.sites[sites[0]]
+  h, w = first.images.shape[1:]
+  image = np.empty((per_site * n, h, w, cache.context_slices), np.float32)
+  label = np.empty((per_site * n, h, w), np.int32)
+  domain = np.empty((per_site * n,), np.int32)
+  for j, site in enumerate(sites):
+    eligible = cache.sites[site].eligible
+    idx = eligible[rng.integers(0, len(eligible), size=per_site)]
+    image[j::n], label[j::n] = cache.gather(site, idx)
+    domain[j::n] = cache.domain_ids[site]
+  return {"image": image, "label": label, "domain": domain}
+
+
+class _Resumable:
+  """Deterministic in (seed, step); `state_dict`/`load_state_dict` save and restore the step."""
+
+  def __init__(self, seed: int, step: int = 0):
+    self.seed = int(seed)
+    self.step = int(step)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = self.batch_at(self.step)
+    self.step += 1
+    return batch
+
+  def batch_at(self, step: int):
+    raise NotImplementedError
+
+  def _rng(self, step: int) -> np.random.Generator:
+    return np.random.default_rng([self.seed, int(step)])
+
+  def state_dict(self) -> dict:
+    return {"seed": self.seed, "step": self.step}
+
+  def load_state_dict(self, state: Mapping) -> None:
+    if int(state["seed"]) != self.seed:
+      raise ValueError(f"sampler state has seed {state['seed']} but this sampler uses {self.seed}; "
+                       "resume with the same config (data seed) as the saved run")
+    self.step = int(state["step"])
+
+
+def _check_sites(cache: SliceCache, sites: Sequence[str]) -> list[str]:
+  missing = [s for s in sites if s not in cache.sites]
+  if missing or not sites:
+    raise DataError.single(f"sampler sites {list(sites)}", f"site(s) {missing} are not in the cache",
+                           f"use sites from {sorted(cache.sites)}")
+  return list(sites)
+
+
+class SliceSampler(_Resumable):
+  """Domain-balanced 2-D slice batches: `batch_size / len(sites)` slices from each site."""
+
+  def __init__(self, cache: SliceCache, *, sites: Sequence[str], batch_size: int, seed: int,
+               step: int = 0):
+    super().__init__(seed, step)
+    self.cache = cache
+    self.sites = _check_sites(cache, sites)
+    if batch_size % len(self.sites):
+      raise DataError.single(f"batch_size={batch_size}",
+                             f"is not a multiple of the {len(self.sites)} source sites",
+                             f"use a multiple of {len(self.sites)} so each batch is domain-balanced")
+    self.per_site = batch_size // len(self.sites)
+
+  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    return _balanced_batch(self.cache, self.sites, self.per_site, self._rng(step))
+
+
+class EpisodicSampler(_Resumable):
+  """Per step, a random split of the source sites into meta-train and meta-test groups.
+
+  Returns {'meta_train': batch, 'meta_test': batch}, each domain-balanced with
+  `slices_per_domain` slices per site (MASF: 2 + 1 of 3 sites; SAML: 2 + 1 of 5, the other two
+  sites unused that step).
+  """
+
+  def __init__(self, cache: SliceCache, *, sites: Sequence[str], meta_train_domains: int,
+               meta_test_domains: int, slices_per_domain: int, seed: int, step: int = 0):
+    super().__init__(seed, step)
+    self.cache = cache
+    self.sites = _check_sites(cache, sites)
+    if meta_train_domains < 1 or meta_test_domains < 1 or \
+        meta_train_domains + meta_test_domains > len(self.sites):
+      raise DataError.single(
+          f"meta_train_domains={meta_train_domains}, meta_test_domains={meta_test_domains}",
+          f"need >= 1 each and at most {len(self.sites)} source sites in total",
+          "lower the group sizes or add source sites")
+    self.meta_train_domains = meta_train_domains
+    self.meta_test_domains = meta_test_domains
+    self.slices_per_domain = slices_per_domain
+
+  def batch_at(self, step: int) -> dict[str, dict[str, np.ndarray]]:
+    rng = self._rng(step)
+    order = [self.sites[i] for i in rng.permutation(len(self.sites))]
+    train_sites = order[: self.meta_train_domains]
+    test_sites = order[self.meta_train_domains: self.meta_train_domains + self.meta_test_domains]
+    return {"meta_train": _balanced_batch(self.cache, train_sites, self.slices_per_domain, rng),
+            "meta_test": _balanced_batch(self.cache, test_sites, self.slices_per_domain, rng)}

@@ -1,0 +1,45 @@
+"""Tiny on-disk datasets for tests: written with nibabel directly, independent of our writer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+AFFINE = np.diag([1.5, 1.5, 3.0, 1.0])
+
+
+def write_nii(path: Path, data, affine=AFFINE, dtype=None) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  img = nib.Nifti1Image(np.asarray(data), affine)
+  if dtype is not None:
+    img.set_data_dtype(dtype)
+  nib.save(img, str(path))
+  return path
+
+
+def toy_case(rng, shape=(12, 10, 6), num_classes=4):
+  """An image whose intensity depends on the label, and the label: a few boxes."""
+  label = np.zeros(shape, np.uint8)
+  for k in range(1, num_classes):
+    x0, y0 = rng.integers(0, shape[0] - 4), rng.integers(0, shape[1] - 4)
+    label[x0:x0 + 4, y0:y0 + 4, 1:-1] = k
+  image = (label * 100.0 + rng.normal(0, 5, shape)).astype(np.float32)
+  return image, label
+
+
+def make_sites_dataset(root: Path, *, sites=("A", "B", "C"), cases=3, num_classes=4, seed=0,
+                       dataset_json=True, shape=(12, 10, 6)) -> Path:
+  rng = np.random.default_rng(seed)
+  for site in sites:
+    for j in range(cases):
+      image, label = toy_case(rng, shape, num_classes)
+      write_nii(root / site / f"case{j}_image.nii.gz", image)
+      write_nii(root / site / f"case{j}_label.nii.gz", label)
+  if dataset_json:
+    labels = {str(k): f"class{k}" for k in range(num_classes)}
+    labels["0"] = "background"
+    (root / "dataset.json").write_text(json.dumps({"modality": "T1", "labels": labels}))
+  return root

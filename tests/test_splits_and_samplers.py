@@ -1,0 +1,186 @@
+"""Splits (leakage), slice cache, domain-balanced and episodic samplers, resume, sharding."""
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import make_sites_dataset
+from medgen_jax import parallel
+from medgen_jax.data.errors import DataError
+from medgen_jax.data.normalize import make_normalizer, nyul_fit
+from medgen_jax.data.pipeline import default_data_config, prepare_data
+from medgen_jax.data.sampler import EpisodicSampler, SiteSlices, SliceCache, SliceSampler
+from medgen_jax.data.splits import (check_splits, leave_one_site_out, load_splits, make_splits,
+                                    protocol_cases, save_splits)
+
+
+def test_make_splits_partition_each_site_deterministically():
+  ids = {"A": [f"c{i}" for i in range(10)], "B": ["x", "y", "z"]}
+  s = make_splits(ids, val_fraction=0.2, test_fraction=0.3, seed=1)
+  assert s == make_splits(ids, val_fraction=0.2, test_fraction=0.3, seed=1)
+  for site, by_split in s.items():
+    members = sum(by_split.values(), [])
+    assert sorted(members) == sorted(ids[site])  # a partition: nothing lost, nothing twice
+  assert [len(s["A"][k]) for k in ("train", "val", "test")] == [5, 2, 3]
+  assert [len(s["B"][k]) for k in ("train", "val", "test")] == [1, 1, 1]
+  assert make_splits(ids, seed=2) != make_splits(ids, seed=1)
+
+
+def test_leakage_is_an_error_naming_file_and_case(tmp_path):
+  path = tmp_path / "splits.json"
+  path.write_text(json.dumps({"version": 1, "sites": {"A": {"train": ["c1", "c2"], "test": ["c2"]}}}))
+  with pytest.raises(DataError, match=r"splits.json: case A/c2 is in both 'train' and 'test'"):
+    load_splits(path)
+  with pytest.raises(DataError, match="leakage"):
+    save_splits(tmp_path / "x.json", {"A": {"train": ["c"], "val": ["c"]}})
+  assert not (tmp_path / "x.json").exists()
+
+
+def test_split_file_round_trip(tmp_path):
+  s = make_splits({"A": list("abcde")}, seed=0)
+  save_splits(tmp_path / "s.json", s, seed=0)
+  assert load_splits(tmp_path / "s.json") == s
+  check_splits(s)
+
+
+def test_leave_one_site_out_protocol():
+  folds = leave_one_site_out(["A", "B", "C"])
+  assert folds == [{"held_out": "A", "sources": ["B", "C"]}, {"held_out": "B", "sources": ["A", "C"]},
+                   {"held_out": "C", "sources": ["A", "B"]}]
+  splits = {s: {"train": [f"{s}1", f"{s}2"], "val": [f"{s}3"], "test": [f"{s}4"]} for s in "ABC"}
+  p = protocol_cases(splits, sources=["B", "C"], held_out=["A"])
+  assert p["train"] == {"B": ["B1", "B2"], "C": ["C1", "C2"]}
+  assert p["test"]["A"] == ["A1", "A2", "A3", "A4"]  # every case of the unseen site
+  assert "A" not in p["train"] and "A" not in p["val"]
+  with pytest.raises(DataError, match="both source and held out"):
+    protocol_cases(splits, sources=["A", "B"], held_out=["A"])
+
+
+def _toy_cache(depths=(4, 3), sites=("A", "B", "C"), h=2, w=3):
+  """Slice value = 100 * volume + slice-in-volume: lets tests read back which slice came out."""
+  out = {}
+  for s in sites:
+    images, first, last = [], [], []
+    offset = 0
+    for v, d in enumerate(depths):
+      for z in range(d):
+        images.append(np.full((h, w), 100 * v + z, np.float32))
+        first.append(offset)
+        last.append(offset + d - 1)
+      offset += d
+    n = len(images)
+    labels = np.ones((n, h, w), np.uint8)
+    out[s] = SiteSlices(np.stack(images), labels, np.array(first), np.array(last), np.arange(n),
+                        [f"v{v}" for v in range(len(depths))], np.repeat(np.arange(len(depths)), depths))
+  return SliceCache(out, {s: i for i, s in enumerate(sites)})
+
+
+def test_context_slices_are_neighbours_clamped_within_their_volume():
+  cache = _toy_cache()
+  cache.context_slices = 3
+  image, _ = cache.gather("A", np.array([0, 2, 3, 4, 6]))
+  got = image[:, 0, 0, :]
+  np.testing.assert_array_equal(got, [[0, 0, 1], [1, 2, 3], [2, 3, 3], [100, 100, 101], [101, 102, 102]])
+
+
+def test_batches_are_domain_balanced_and_interleaved():
+  cache = _toy_cache()
+  sampler = SliceSampler(cache, sites=["A", "B", "C"], batch_size=12, seed=0)
+  for _ in range(5):
+    batch = next(sampler)
+    assert batch["image"].shape == (12, 2, 3, 1) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (12, 2, 3) and batch["label"].dtype == np.int32
+    np.testing.assert_array_equal(batch["domain"], np.tile([0, 1, 2], 4))
+  with pytest.raises(DataError, match="multiple of the 3 source sites"):
+    SliceSampler(cache, sites=["A", "B", "C"], batch_size=10, seed=0)
+
+
+def test_sharded_batch_is_balanced_on_every_device():
+  sampler = SliceSampler(_toy_cache(), sites=["A", "B", "C"], batch_size=12, seed=0)
+  sharded = parallel.shard_batch(next(sampler), 4)
+  assert sharded["image"].shape == (4, 3, 2, 3, 1)
+  for device in range(4):
+    assert sorted(sharded["domain"][device].tolist()) == [0, 1, 2]
+  with pytest.raises(ValueError, match="multiple of 5"):
+    parallel.shard_batch(next(sampler), 5)
+
+
+def test_sampler_resume_gives_the_uninterrupted_batches():
+  cache = _toy_cache()
+  straight = SliceSampler(cache, sites=["A", "C"], batch_size=4, seed=7)
+  reference = [next(straight) for _ in range(8)]
+  first = SliceSampler(cache, sites=["A", "C"], batch_size=4, seed=7)
+  for _ in range(3):
+    next(first)
+  state = json.loads(json.dumps(first.state_dict()))  # as saved in a checkpoint
+  resumed = SliceSampler(cache, sites=["A", "C"], batch_size=4, seed=7)
+  resumed.load_state_dict(state)
+  for expected in reference[3:]:
+    got = next(resumed)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+  with pytest.raises(ValueError, match="seed"):
+    SliceSampler(cache, sites=["A"], batch_size=2, seed=8).load_state_dict(state)
+
+
+def test_episodic_sampler_splits_sites_per_step():
+  sites = ["A", "B", "C", "D", "E"]
+  cache = _toy_cache(sites=tuple(sites))
+  sampler = EpisodicSampler(cache, sites=sites, meta_train_domains=2, meta_test_domains=1,
+                            slices_per_domain=3, seed=0)
+  seen = set()
+  for _ in range(20):
+    ep = next(sampler)
+    train, test = set(ep["meta_train"]["domain"].tolist()), set(ep["meta_test"]["domain"].tolist())
+    assert len(train) == 2 and len(test) == 1 and not train & test
+    assert ep["meta_train"]["image"].shape[0] == 6 and ep["meta_test"]["image"].shape[0] == 3
+    seen.add(tuple(sorted(test)))
+  assert len(seen) >= 4  # the held-out role rotates
+  again = EpisodicSampler(cache, sites=sites, meta_train_domains=2, meta_test_domains=1,
+                          slices_per_domain=3, seed=0)
+  np.testing.assert_array_equal(again.batch_at(5)["meta_test"]["domain"],
+                                sampler.batch_at(5)["meta_test"]["domain"])
+  with pytest.raises(DataError, match="at most 5"):
+    EpisodicSampler(cache, sites=sites, meta_train_domains=4, meta_test_domains=2,
+                    slices_per_domain=1, seed=0)
+
+
+def test_prepare_data_fits_normalizer_on_training_cases_only(tmp_path):
+  root = make_sites_dataset(tmp_path / "ds", sites=("A", "B", "C"), cases=5)
+  config = default_data_config()
+  config.root = str(root)
+  config.held_out = ("C",)
+  config.in_plane_shape = (16, 8)
+  config.context_slices = 3
+  config.normalization.name = "histogram"
+  data = prepare_data(config, workdir=tmp_path / "run", progress=None)
+  assert data.sources == ["A", "B"] and data.held_out == ["C"]
+  assert data.domain_ids == {"A": 0, "B": 1, "C": 2}
+  assert (tmp_path / "run" / "splits.json").is_file()
+  train_images = [c.image for s in ("A", "B") for c in data.cases["train"][s]]
+  assert len(train_images) == 6  # 3 train cases per source site (5 cases, 20 % val, 20 % test)
+  np.testing.assert_allclose(data.normalizer.landmarks, nyul_fit(train_images, standard_range=(0, 1)))
+  assert len(data.cases["test"]["C"]) == 5
+  batch = next(SliceSampler(data.train, sites=data.sources, batch_size=4, seed=0))
+  assert batch["image"].shape == (4, 16, 8, 3)
+  # Reusing the saved split file reproduces the protocol.
+  config.split_file = str(tmp_path / "run" / "splits.json")
+  again = prepare_data(config, progress=None)
+  assert again.protocol == data.protocol
+
+
+def test_prepare_data_errors_name_the_key(tmp_path):
+  root = make_sites_dataset(tmp_path / "ds", sites=("A", "B"), cases=3)
+  config = default_data_config()
+  config.root = str(root)
+  config.held_out = ("Q",)
+  with pytest.raises(DataError, match="'Q'"):
+    prepare_data(config, progress=None)
+  config.held_out = ()
+  config.normalization.name = "zscore"
+  with pytest.raises(DataError, match="data.normalization.name='zscore'"):
+    prepare_data(config, progress=None)
+  config.lock()  # as the trainer does: a misspelt key fails instead of being ignored
+  with pytest.raises(AttributeError, match="normalisation"):
+    config.normalisation = "whitening"
