@@ -1,0 +1,62 @@
+"""DeepAll (= "Joint"): one model trained on all source sites pooled.
+
+Loss: segmentation_loss (weighted CE + soft Dice, losses.py) + an explicit L2 term on kernels.
+Used per site, the same step gives the "Separate" baseline (one model per site).
+
+`make_train_step` returns the pure `step(state, batch, key) -> (state, metrics)`. With
+`axis_name` (pmap over the data-parallel axis) the Dice/CE batch sums are global, gradients,
+metrics and (unsynchronized) BatchNorm statistics are averaged over devices; without it the same
+function runs on one device unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from medgen_jax import losses
+from medgen_jax.train_state import TrainState
+
+
+def make_loss_fn(model, loss_config, *, num_classes: int, axis_name: str | None = None):
+  """loss_fn(params, batch_stats, batch, key) -> (loss, (metrics, new_batch_stats))."""
+
+  def loss_fn(params, batch_stats, batch, key):
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                                  train=True, mutable=["batch_stats"], rngs={"dropout": key})
+    seg, metrics = losses.segmentation_loss(
+        logits, batch["label"], num_classes=num_classes, ce_weight=loss_config.ce_weight,
+        dice_weight=loss_config.dice_weight, dice_variant=loss_config.dice_variant,
+        include_background=loss_config.include_background, class_weights=loss_config.class_weights,
+        ce_clip=loss_config.ce_clip, axis_name=axis_name)
+    l2 = losses.l2_kernel_loss(params, coefficient=loss_config.weight_decay)
+    metrics = dict(metrics, loss=seg + l2, loss_l2=l2)
+    return seg + l2, (metrics, updates.get("batch_stats", batch_stats))
+
+  return loss_fn
+
+
+def make_train_step(model, tx: optax.GradientTransformation, loss_config, *, num_classes: int,
+                    axis_name: str | None = None, bn_sync: bool = True):
+  loss_fn = make_loss_fn(model, loss_config, num_classes=num_classes, axis_name=axis_name)
+
+  def step(state: TrainState, batch, key):
+    if axis_name is not None:
+      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, batch, key)
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+      metrics = jax.lax.pmean(metrics, axis_name)
+      if not bn_sync:  # keep the replicated state identical: average per-device statistics
+        batch_stats = jax.lax.pmean(batch_stats, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    dice = metrics.pop("dice")
+    metrics.update({f"dice_{c}": dice[c] for c in range(dice.shape[0])})
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  return step

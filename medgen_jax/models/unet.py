@@ -1,0 +1,104 @@
+"""2-D U-Net (Ronneberger et al., MICCAI 2015) in flax.linen.
+
+Encoder blocks of `base_features · 2^level` channels (16-32-64-128 by default), bottleneck
+`base_features · 2^depth` (256); each block = 2 × (3×3 conv without bias → norm → ReLU);
+2×2 max-pool down; 2×2 stride-2 transposed conv up (with bias); skip concatenation; 1×1 head to
+`num_classes` logits. It is the architecture of the PyTorch performance anchor
+(../shared/anchors/unet_torch.py). Dropout (rate `dropout`) sits after the bottleneck.
+
+Three layers are written in an equivalent form that XLA:CPU runs much faster, without changing
+what the model computes (`fast_ops=True`; `False` gives the textbook flax layers, for the
+benchmark):
+* 2×2/stride-2 transposed conv = a per-pixel matmul to 4·C_out channels + depth-to-space: the
+  windows do not overlap, so out[2i+a, 2j+b, o] = b_o + Σ_c x[i, j, c]·K[a, b, c, o] exactly.
+  XLA:CPU's weight gradient of the transposed conv was ~30 % of the step.
+* 2×2 max-pool as a reshape + max (same values; ties only occur at ReLU zeros, where the
+  gradient is zero either way).
+* the 1×1 head as a Dense on the channel axis: a second-order gradient through a 1×1 conv lowers
+  to a huge padded convolution on XLA:CPU (the meta-learning trap).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from medgen_jax.models.norms import make_norm
+
+
+class UpConv2x2(nn.Module):
+  """Transposed convolution, kernel 2, stride 2, as matmul + depth-to-space."""
+
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    b, h, w, _ = x.shape
+    y = jnp.einsum("nhwc,abco->nhawbo", x, kernel)
+    return y.reshape(b, 2 * h, 2 * w, self.features) + bias
+
+
+def max_pool_2x2(x):
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class ConvBlock(nn.Module):
+  features: int
+  norm: str = "batch"
+  bn_axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    norm = make_norm(self.norm, axis_name=self.bn_axis_name, dtype=self.dtype)
+    for i in range(2):
+      x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+                  param_dtype=jnp.float32, name=f"conv{i}")(x)
+      x = nn.relu(norm(name=f"norm{i}")(x, train=train))
+    return x
+
+
+class UNet(nn.Module):
+  num_classes: int
+  base_features: int = 16
+  depth: int = 4
+  dropout: float = 0.0
+  norm: str = "batch"
+  bn_axis_name: str | None = None   # set for synchronized BatchNorm across devices
+  dtype: jnp.dtype = jnp.float32    # compute dtype; parameters stay float32
+  fast_ops: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    if x.shape[1] % 2 ** self.depth or x.shape[2] % 2 ** self.depth:
+      raise ValueError(f"input {x.shape[1]}x{x.shape[2]} must be divisible by 2^depth = "
+                       f"{2 ** self.depth} (config data.in_plane_shape / model.depth)")
+    block = lambda f, name: ConvBlock(f, self.norm, self.bn_axis_name, self.dtype, name=name)
+    x = x.astype(self.dtype)
+    skips = []
+    for level in range(self.depth):
+      x = block(self.base_features * 2 ** level, f"down{level}")(x, train=train)
+      skips.append(x)
+      x = max_pool_2x2(x) if self.fast_ops else nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = block(self.base_features * 2 ** self.depth, "bottleneck")(x, train=train)
+    if self.dropout > 0:
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    for level in reversed(range(self.depth)):
+      features = self.base_features * 2 ** level
+      if self.fast_ops:
+        x = UpConv2x2(features, self.dtype, name=f"upconv{level}")(x)
+      else:
+        x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=self.dtype,
+                             param_dtype=jnp.float32, name=f"upconv{level}")(x)
+      x = block(features, f"up{level}")(jnp.concatenate([x, skips[level]], axis=-1), train=train)
+    if self.fast_ops:
+      logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="head")(x)
+    else:
+      logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                       name="head")(x)
+    return logits.astype(jnp.float32)

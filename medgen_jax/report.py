@@ -1,0 +1,98 @@
+"""Result tables laid out like the talk's: rows are methods, columns are sites and overall.
+
+Input: per-volume records `{'method', 'site', 'case', 'role', 'dice': [per class], 'asd': [...],
+'hd95': [...], 'flag': [...]}` (classes 1..C-1, from metrics.score_volume). A volume's score is
+the mean over its foreground classes; tables give mean ± std over volumes, in % for Dice and mm
+for distances. `role` is 'in-domain' (a source site's own test cases) or 'unseen' (a held-out
+site). Empty-mask cases are counted, never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+
+import numpy as np
+
+METRICS = ("dice", "asd", "hd95")
+
+
+def _fmt(values, scale=1.0, digits=2) -> str:
+  if not len(values):
+    return "—"
+  values = np.asarray(values, np.float64) * scale
+  return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+
+
+def group(records, *keys):
+  out = defaultdict(list)
+  for r in records:
+    out[tuple(r[k] for k in keys)].append(r)
+  return out
+
+
+def site_table(records, *, sites, metric: str = "dice") -> str:
+  """Rows: methods; columns: each site (marked 'unseen' when held out) and Overall."""
+  methods = list(dict.fromkeys(r["method"] for r in records))
+  roles = {r["site"]: r["role"] for r in records}
+  scale = 100.0 if metric == "dice" else 1.0
+  header = ["Method"] + [f"{s} ({roles.get(s, '?')})" for s in sites] + ["Overall"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  by_key = group(records, "method", "site")
+  for method in methods:
+    cells = [method]
+    pooled = []
+    for site in sites:
+      per_case = [np.mean(r[metric]) for r in by_key.get((method, site), [])]
+      pooled += per_case
+      cells.append(_fmt(per_case, scale))
+    cells.append(_fmt(pooled, scale))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def class_table(records, *, class_names, site: str | None = None) -> str:
+  """Rows: methods; columns: Dice per class + average, ASD per class + average (SIFA layout)."""
+  chosen = [r for r in records if site is None or r["site"] == site]
+  methods = list(dict.fromkeys(r["method"] for r in chosen))
+  header = ["Method"] + [f"Dice {c}" for c in class_names] + ["Dice avg"] + \
+           [f"ASD {c} (mm)" for c in class_names] + ["ASD avg (mm)"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for method in methods:
+    rs = [r for r in chosen if r["method"] == method]
+    dice = np.array([r["dice"] for r in rs]) * 100
+    asd = np.array([r["asd"] for r in rs]) if rs and "asd" in rs[0] else np.zeros((len(rs), 0))
+    cells = [method] + [f"{dice[:, k].mean():.2f}" for k in range(dice.shape[1])] + [f"{dice.mean():.2f}"]
+    cells += [f"{asd[:, k].mean():.2f}" for k in range(asd.shape[1])] + \
+             ([f"{asd.mean():.2f}"] if asd.size else [])
+    lines.append("| " + " | ".join(cells) + " |")
+  flagged = sum(bool(f) for r in chosen for f in r["flag"])
+  if flagged:
+    lines.append(f"\n{flagged} class-volume pair(s) had an empty prediction or reference "
+                 "(Dice 0 / distance = image diagonal; see metrics.py).")
+  return "\n".join(lines)
+
+
+def markdown_report(records, *, sites, class_names, title: str, notes: list[str]) -> str:
+  unseen = [s for s in sites if any(r["site"] == s and r["role"] == "unseen" for r in records)]
+  parts = [f"# {title}", "", *[f"- {n}" for n in notes], "",
+           "## Dice (%) per site, mean ± std over volumes (mean over foreground classes)", "",
+           site_table(records, sites=sites, metric="dice"), "",
+           "## ASD (mm) per site", "", site_table(records, sites=sites, metric="asd"), ""]
+  for site in unseen or [None]:
+    label = f"unseen site {site}" if site else "all test volumes"
+    parts += [f"## Per class, {label}", "", class_table(records, class_names=class_names, site=site), ""]
+  return "\n".join(parts)
+
+
+def records_csv(records) -> str:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer)
+  writer.writerow(["method", "site", "role", "case", "class_index", "dice", "asd_mm", "hd95_mm", "flag"])
+  for r in records:
+    for k, dice in enumerate(r["dice"]):
+      writer.writerow([r["method"], r["site"], r["role"], r["case"], k + 1, f"{dice:.6f}",
+                       f"{r['asd'][k]:.6f}" if "asd" in r else "", f"{r['hd95'][k]:.6f}" if "hd95" in r else "",
+                       r["flag"][k]])
+  return buffer.getvalue()

@@ -1,0 +1,90 @@
+"""Train state, model and optimizer construction from a config: the parts every method shares."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from medgen_jax.models import UNet
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine", "exponential")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue bit-identically: params (float32), BN statistics,
+  optimizer state, step, and the run's base PRNG key (step keys are fold_in(rng, step))."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32[2] key
+
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def compute_dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r} (config dtype); use one of {', '.join(DTYPES)}")
+  return DTYPES[name]
+
+
+def make_model(model_config: ml_collections.ConfigDict, *, num_classes: int, dtype: str = "float32",
+               bn_axis_name: str | None = None) -> UNet:
+  if model_config.name != "unet":
+    raise ValueError(f"unknown model {model_config.name!r} (config model.name); available: unet")
+  return UNet(num_classes=num_classes, base_features=model_config.base_features,
+              depth=model_config.depth, dropout=model_config.dropout, norm=model_config.norm,
+              bn_axis_name=bn_axis_name, dtype=compute_dtype(dtype), fast_ops=model_config.fast_ops)
+
+
+def make_schedule(opt: ml_collections.ConfigDict, *, num_steps: int):
+  if opt.schedule == "constant":
+    schedule = optax.constant_schedule(opt.learning_rate)
+  elif opt.schedule == "cosine":
+    schedule = optax.cosine_decay_schedule(opt.learning_rate, max(num_steps - opt.warmup_steps, 1))
+  elif opt.schedule == "exponential":  # MS-Net / UMMKD: x0.95 every 500 / 1000 iterations
+    schedule = optax.exponential_decay(opt.learning_rate, opt.decay_steps, opt.decay_rate, staircase=True)
+  else:
+    raise ValueError(f"unknown schedule {opt.schedule!r} (config optimizer.schedule); "
+                     f"use one of {', '.join(SCHEDULES)}")
+  if opt.warmup_steps:
+    warmup = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+    schedule = optax.join_schedules([warmup, schedule], [opt.warmup_steps])
+  return schedule
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, *, num_steps: int) -> optax.GradientTransformation:
+  """adam | sgd | rmsprop on a schedule, optionally after global-norm gradient clipping."""
+  schedule = make_schedule(opt, num_steps=num_steps)
+  if opt.name == "adam":
+    tx = optax.adam(schedule, b1=opt.b1, b2=opt.b2)
+  elif opt.name == "sgd":
+    tx = optax.sgd(schedule, momentum=opt.momentum or None)
+  elif opt.name == "rmsprop":
+    tx = optax.rmsprop(schedule, momentum=opt.momentum)
+  else:
+    raise ValueError(f"unknown optimizer {opt.name!r} (config optimizer.name); "
+                     f"use one of {', '.join(OPTIMIZERS)}")
+  if opt.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  return tx
+
+
+def create_train_state(seed: int, model, tx, *, input_shape) -> TrainState:
+  """Initializes params (float32) from `seed`; the state's rng is an independent key."""
+  init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros(input_shape, jnp.float32), train=False))(init_key)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    rng=run_key)
