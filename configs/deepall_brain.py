@@ -6,8 +6,8 @@ Native 2 mm grid (99x117 slices padded to 128x128), U-Net 16-32-64-128-256, 20k 
 Leave-one-site-out: `--config.data.held_out='("A",)'` etc. (medgen_jax.sweep comes with the
 meta-learning issue).
 
-Numbers: not measured yet (no GPU was available to this project's sessions so far; on the
-2-core CPU one step takes ~0.6 s, i.e. ~3.5 h). configs/quickstart.py is the CPU-sized run.
+Numbers: not measured yet (no GPU was lent to this project's sessions so far; on the 2-core CPU a
+step of batch 24 at 128x128 takes ~0.8 s, i.e. ~4.5 h). configs/quickstart.py is the CPU-sized run.
 """
 
 from medgen_jax.config import base_config

@@ -104,3 +104,89 @@ def l2_kernel_loss(params, *, coefficient: float):
   if not leaves or coefficient == 0:
     return jnp.zeros((), jnp.float32)
   return coefficient * sum(jnp.sum(jnp.square(w.astype(jnp.float32))) for w in leaves) / 2.0
+
+
+# --- Shared by the domain-generalization methods (MASF, SAML) and multi-modal KD (UMMKD) ------
+
+
+def classwise_mean_logits(logits, onehot, *, eps: float = 1e-6, axis_name: str | None = None):
+  """z̄_c = Σ_i y_ic z_i / (Σ_i y_ic + ε): the mean logit vector of class-c pixels, [C, C]."""
+  z = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
+  y = onehot.reshape(-1, onehot.shape[-1]).astype(jnp.float32)
+  sums = global_sum(y.T @ z, axis_name)
+  counts = global_sum(jnp.sum(y, axis=0), axis_name)
+  return sums / (counts[:, None] + eps), counts
+
+
+def class_alignment_loss(logits_a, onehot_a, logits_b, onehot_b, *, temperature: float = 2.0,
+                         variant: str = "talk", axis_name: str | None = None):
+  """Global class alignment (MASF; UMMKD's knowledge distillation), methods.md §1.5:
+
+      q_c^(k) = softmax(z̄_c^(k) / τ),
+      L = (1/C) Σ_c ½ [KL(q_c^(a) ‖ q_c^(b)) + KL(q_c^(b) ‖ q_c^(a))]
+
+  variant 'talk': every class, ε = 1e-6, no clipping (the talk's formula, UMMKD code).
+  variant 'masf_code': ε = 1e-16, q clipped to [1e-8, 1], each class's term multiplied by
+  "class present in both batches", still divided by C (biomedia-mira/masf utils.kd).
+  """
+  if variant not in ("talk", "masf_code"):
+    raise ValueError(f"unknown alignment variant {variant!r}: talk | masf_code")
+  eps = 1e-6 if variant == "talk" else 1e-16
+  zbar_a, count_a = classwise_mean_logits(logits_a, onehot_a, eps=eps, axis_name=axis_name)
+  zbar_b, count_b = classwise_mean_logits(logits_b, onehot_b, eps=eps, axis_name=axis_name)
+  q_a = jax.nn.softmax(zbar_a / temperature, axis=-1)
+  q_b = jax.nn.softmax(zbar_b / temperature, axis=-1)
+  if variant == "masf_code":
+    q_a, q_b = jnp.clip(q_a, 1e-8, 1.0), jnp.clip(q_b, 1e-8, 1.0)
+  kl_ab = jnp.sum(q_a * jnp.log(q_a / q_b), axis=-1)
+  kl_ba = jnp.sum(q_b * jnp.log(q_b / q_a), axis=-1)
+  per_class = 0.5 * (kl_ab + kl_ba)
+  if variant == "masf_code":
+    per_class = per_class * ((count_a > 0) & (count_b > 0))
+  return jnp.sum(per_class) / per_class.shape[0]
+
+
+def pairwise_distances(embeddings):
+  """Euclidean distances [N, N] with a zero-safe square root (finite gradients at d = 0)."""
+  diff = embeddings[:, None, :] - embeddings[None, :, :]
+  squared = jnp.sum(diff * diff, axis=-1)
+  positive = squared > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def semi_hard_triplet_loss(embeddings, labels, *, margin: float, valid=None):
+  """Semi-hard triplet loss (Schroff et al., CVPR 2015), as tf.contrib's triplet_semihard_loss:
+
+  Euclidean distances; for every anchor–positive pair (a, p) the negative n with the smallest
+  d(a, n) > d(a, p), or, if none, the negative with the largest d(a, n);
+  L = mean over positive pairs of max(d(a, p) − d(a, n) + margin, 0). Anchors without a positive
+  or without a negative contribute nothing; `valid` [N] masks out padding rows.
+  """
+  n = embeddings.shape[0]
+  valid = jnp.ones(n, bool) if valid is None else valid.astype(bool)
+  d = pairwise_distances(embeddings)
+  both = valid[:, None] & valid[None, :]
+  same = (labels[:, None] == labels[None, :]) & both
+  positive = same & ~jnp.eye(n, dtype=bool)
+  negative = ~same & both
+  d_ap = d[:, :, None]                                   # [a, p, 1]
+  d_an = d[:, None, :]                                   # [a, 1, n]
+  harder = negative[:, None, :] & (d_an > d_ap)          # [a, p, n]
+  outside = jnp.min(jnp.where(harder, d_an, jnp.inf), axis=-1)
+  inside = jnp.max(jnp.where(negative[:, None, :], d_an, -jnp.inf), axis=-1)
+  chosen = jnp.where(jnp.any(harder, axis=-1), outside, inside)
+  pairs = positive & jnp.any(negative, axis=-1)[:, None]
+  per_pair = jnp.maximum(d - jnp.where(pairs, chosen, 0.0) + margin, 0.0)
+  return jnp.sum(jnp.where(pairs, per_pair, 0.0)) / jnp.maximum(jnp.sum(pairs), 1)
+
+
+def contrastive_loss(embeddings, labels, *, margin: float, valid=None):
+  """Contrastive loss (Hadsell et al., CVPR 2006) over all pairs n < m:
+  d² if y_n = y_m, else max(0, ξ − d)²; mean over valid pairs."""
+  n = embeddings.shape[0]
+  valid = jnp.ones(n, bool) if valid is None else valid.astype(bool)
+  d = pairwise_distances(embeddings)
+  pairs = jnp.triu(valid[:, None] & valid[None, :], k=1)
+  same = labels[:, None] == labels[None, :]
+  per_pair = jnp.where(same, d ** 2, jnp.maximum(margin - d, 0.0) ** 2)
+  return jnp.sum(jnp.where(pairs, per_pair, 0.0)) / jnp.maximum(jnp.sum(pairs), 1)

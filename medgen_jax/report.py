@@ -33,22 +33,36 @@ def group(records, *keys):
 
 
 def site_table(records, *, sites, metric: str = "dice") -> str:
-  """Rows: methods; columns: each site (marked 'unseen' when held out) and Overall."""
+  """Rows: methods; columns: each site and Overall.
+
+  A site's header says 'unseen' or 'in-domain' when that holds for every method; otherwise (the
+  Separate cross-site matrix) cells where the site was the model's own are marked †.
+  """
   methods = list(dict.fromkeys(r["method"] for r in records))
-  roles = {r["site"]: r["role"] for r in records}
+  roles = group(records, "site")
   scale = 100.0 if metric == "dice" else 1.0
-  header = ["Method"] + [f"{s} ({roles.get(s, '?')})" for s in sites] + ["Overall"]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+  def header(site):
+    site_roles = {r["role"] for r in roles.get((site,), [])}
+    return f"{site} ({site_roles.pop()})" if len(site_roles) == 1 else site
+
+  mixed = any(len({r["role"] for r in roles.get((s,), [])}) > 1 for s in sites)
+  cols = ["Method"] + [header(s) for s in sites] + ["Overall"]
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   by_key = group(records, "method", "site")
   for method in methods:
     cells = [method]
     pooled = []
     for site in sites:
-      per_case = [np.mean(r[metric]) for r in by_key.get((method, site), [])]
+      rs = by_key.get((method, site), [])
+      per_case = [np.mean(r[metric]) for r in rs]
       pooled += per_case
-      cells.append(_fmt(per_case, scale))
+      own = mixed and rs and rs[0]["role"] == "in-domain"
+      cells.append(_fmt(per_case, scale) + (" †" if own else ""))
     cells.append(_fmt(pooled, scale))
     lines.append("| " + " | ".join(cells) + " |")
+  if mixed:
+    lines.append("\n† the model's own site (in-domain test volumes); other cells are unseen sites.")
   return "\n".join(lines)
 
 
@@ -75,14 +89,21 @@ def class_table(records, *, class_names, site: str | None = None) -> str:
 
 
 def markdown_report(records, *, sites, class_names, title: str, notes: list[str]) -> str:
-  unseen = [s for s in sites if any(r["site"] == s and r["role"] == "unseen" for r in records)]
+  held_out = [s for s in sites
+              if all(r["role"] == "unseen" for r in records if r["site"] == s)
+              and any(r["site"] == s for r in records)]
   parts = [f"# {title}", "", *[f"- {n}" for n in notes], "",
            "## Dice (%) per site, mean ± std over volumes (mean over foreground classes)", "",
            site_table(records, sites=sites, metric="dice"), "",
            "## ASD (mm) per site", "", site_table(records, sites=sites, metric="asd"), ""]
-  for site in unseen or [None]:
-    label = f"unseen site {site}" if site else "all test volumes"
-    parts += [f"## Per class, {label}", "", class_table(records, class_names=class_names, site=site), ""]
+  for site in held_out:
+    parts += [f"## Per class, unseen site {site}", "",
+              class_table([r for r in records if r["site"] == site], class_names=class_names), ""]
+  if not held_out:
+    unseen = [r for r in records if r["role"] == "unseen"]
+    if unseen:
+      parts += ["## Per class, each model on the sites it was not trained on", "",
+                class_table(unseen, class_names=class_names), ""]
   return "\n".join(parts)
 
 

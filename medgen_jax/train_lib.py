@@ -109,7 +109,7 @@ def _progress(total, initial, enabled):
   if not enabled or not parallel.is_main_process():
     return None
   from tqdm import tqdm
-  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=None)  # off without a TTY
 
 
 def train_one(config, data: PreparedData, *, name: str, sources: list[str], workdir: Path,

@@ -185,6 +185,8 @@ def test_separate_trains_one_model_per_site(dataset, tmp_path):
   roles = {(r["method"], r["site"]): r["role"] for r in result["records"]}
   assert roles[("Separate (A)", "A")] == "in-domain" and roles[("Separate (A)", "B")] == "unseen"
   assert (tmp_path / "run" / "separate_B" / "checkpoints").is_dir()
+  assert "| Method | A | B | C (unseen) | Overall |" in result["markdown"]  # A, B: roles differ per row
+  assert "†" in result["markdown"]
 
 
 def test_oracle_selection_is_labelled(dataset, tmp_path):
@@ -218,3 +220,25 @@ def test_cli_end_to_end_and_unknown_key(dataset, tmp_path):
   assert bad.returncode == 2
   assert 'unknown config key "optimiser"; did you mean "optimizer"?' in bad.stderr
   assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  evaluated = subprocess.run([sys.executable, "-m", "medgen_jax.evaluate", "--workdir", str(tmp_path / "run"),
+                              "--selection", "last"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)
+  assert evaluated.returncode == 0, evaluated.stderr
+  assert "selection rule: last checkpoint" in evaluated.stdout
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  config = base_config()
+  tx = make_optimizer(config.optimizer, num_steps=10)
+  model = UNet(4, base_features=4, depth=2, dtype=jax.numpy.bfloat16)
+  state = create_train_state(0, model, tx, input_shape=(1, 16, 16, 1))
+  step = jax.jit(make_train_step(model, tx, config.loss, num_classes=4))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(4, 16, 16, 1)).astype(np.float32),
+           "label": rng.integers(0, 4, size=(4, 16, 16)).astype(np.int32)}
+  new_state, metrics = step(state, batch, jax.random.PRNGKey(0))
+  assert np.isfinite(float(metrics["loss"]))
+  assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {np.dtype("float32")}
+  assert {x.dtype for x in jax.tree.leaves(new_state.opt_state) if hasattr(x, "dtype") and x.ndim} == {np.dtype("float32")}
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new_state.params)))
