@@ -1,7 +1,12 @@
-"""DeepAll train-step throughput, compile time, peak memory and data-wait fraction.
+"""Train-step throughput, compile time, peak memory and data-wait fraction, per method.
 
     python benchmarks/train_step.py [--json] [--configs 8x128,32x256] [--dtypes float32,bfloat16]
                                     [--variants fast,plain] [--steps 10] [--repeats 3]
+    python benchmarks/train_step.py --methods deepall,mldg,masf,saml --configs 12x128 --variants fast,plain
+
+With --methods, the meta-learning steps (MLDG, MASF, SAML; second order and, as order 1,
+first order) are timed on the same total batch as DeepAll (meta-train 2 domains + meta-test 1,
+batch/3 slices each), and each line gains `order` and `ratio_to_deepall` (same variant/size).
 
 For each batch x size x dtype x layer variant: the real DeepAll step (weighted CE + Dice + L2,
 Adam, BatchNorm) through `parallel.DataParallel` on all local devices, fed by the real
@@ -31,11 +36,9 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from medgen_jax import parallel  # noqa: E402
+from medgen_jax import methods, parallel, train_lib  # noqa: E402
 from medgen_jax.config import base_config  # noqa: E402
 from medgen_jax.data.pipeline import prepare_data  # noqa: E402
-from medgen_jax.data.sampler import SliceSampler  # noqa: E402
-from medgen_jax.methods import deepall  # noqa: E402
 from medgen_jax.train_state import create_train_state, make_model, make_optimizer  # noqa: E402
 
 
@@ -51,26 +54,36 @@ def block(tree):
   jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
 
 
-def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, steps: int, repeats: int):
+def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, steps: int, repeats: int,
+            method: str = "deepall", first_order: bool = False):
   config = base_config()
+  config.method = method
+  config.meta.first_order = first_order
   config.data.root = data_root
   config.data.held_out = ("D",)
   config.data.in_plane_shape = (size, size)
   config.data.slices = "all"
   config.dtype = dtype
   config.model.fast_ops = fast
+  config.batch_size = batch
   data = prepare_data(config.data, progress=None)
-  sources = data.sources[: max(1, min(len(data.sources), batch))]
-  while batch % len(sources):
-    sources = sources[:-1]
-  sampler = SliceSampler(data.train, sites=sources, batch_size=batch, seed=0)
+  sources = list(data.sources)
+  if not methods.is_episodic(method):
+    while batch % len(sources):
+      sources = sources[:-1]
+  sampler = train_lib.make_sampler(config, data, sources)
   model = make_model(config.model, num_classes=data.num_classes, dtype=dtype,
                      bn_axis_name=parallel.AXIS_NAME)
   tx = make_optimizer(config.optimizer, num_steps=1000)
-  runner = parallel.DataParallel(deepall.make_train_step(model, tx, config.loss,
-                                                         num_classes=data.num_classes,
-                                                         axis_name=parallel.AXIS_NAME))
-  state = runner.replicate(create_train_state(0, model, tx, input_shape=(1, size, size, 1)))
+  state = create_train_state(0, model, tx, input_shape=(1, size, size, 1))
+  metric_model, metric_tx = train_lib.make_metric_network(config)
+  if metric_model is not None:
+    phi = metric_model.init(jax.random.PRNGKey(1), np.zeros((1, config.model.base_features)))["params"]
+    state = state.replace(metric_params=phi, metric_opt_state=metric_tx.init(phi))
+  runner = parallel.DataParallel(methods.MODULES[method].make_train_step(
+      model, tx, config, num_classes=data.num_classes, axis_name=parallel.AXIS_NAME,
+      metric_model=metric_model, metric_tx=metric_tx))
+  state = runner.replicate(state)
   key = jax.random.PRNGKey(0)
   host_batch = next(sampler)
   start = time.perf_counter()
@@ -97,11 +110,14 @@ def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, st
     state, metrics = runner.step(state, host_batch, key)
     float(metrics["loss"])
   total = time.perf_counter() - start
-  return {"name": "deepall", "variant": "fast" if fast else "plain", "batch": batch, "size": size,
-          "dtype": dtype, "devices": runner.num_devices, "backend": jax.default_backend(),
-          "step_ms": round(step_s * 1000, 2), "slices_per_s": round(batch / step_s, 2),
-          "compile_s": round(compile_s, 2), "peak_mem_mb": round(peak_memory_mb(), 1),
-          "data_wait_fraction": round(wait / total, 4)}
+  result = {"name": method, "variant": "fast" if fast else "plain", "batch": batch, "size": size,
+            "dtype": dtype, "devices": runner.num_devices, "backend": jax.default_backend(),
+            "step_ms": round(step_s * 1000, 2), "slices_per_s": round(batch / step_s, 2),
+            "compile_s": round(compile_s, 2), "peak_mem_mb": round(peak_memory_mb(), 1),
+            "data_wait_fraction": round(wait / total, 4)}
+  if methods.is_episodic(method):
+    result["order"] = 1 if first_order else 2
+  return result
 
 
 def main() -> int:
@@ -110,6 +126,8 @@ def main() -> int:
   parser.add_argument("--configs", default="8x128,32x256", help="batch x size, comma-separated")
   parser.add_argument("--dtypes", default="float32")
   parser.add_argument("--variants", default="fast,plain")
+  parser.add_argument("--methods", default="deepall", help="deepall,mldg,masf,saml")
+  parser.add_argument("--orders", default="2,1", help="meta-gradient orders for mldg/masf/saml")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--data-root", default="data/brain-sites")
@@ -118,14 +136,25 @@ def main() -> int:
     batch, size = (int(v) for v in spec.split("x"))
     for dtype in args.dtypes.split(","):
       for variant in args.variants.split(","):
-        r = measure(batch, size, dtype, variant == "fast", data_root=args.data_root,
-                    steps=args.steps, repeats=args.repeats)
-        if args.json:
-          print(json.dumps(r), flush=True)
-        else:
-          print(f"deepall {r['variant']:5s} batch {batch:3d} {size}x{size} {dtype:8s}: {r['step_ms']:8.1f} ms/step "
-                f"{r['slices_per_s']:8.1f} slices/s  compile {r['compile_s']:5.1f} s  peak {r['peak_mem_mb']:.0f} MB  "
-                f"data wait {100 * r['data_wait_fraction']:.1f} %", flush=True)
+        deepall_ms = None
+        for method in args.methods.split(","):
+          orders = [2] if method in ("deepall", "separate") else [int(o) for o in args.orders.split(",")]
+          for order in orders:
+            r = measure(batch, size, dtype, variant == "fast", data_root=args.data_root,
+                        steps=args.steps, repeats=args.repeats, method=method, first_order=order == 1)
+            if method == "deepall":
+              deepall_ms = r["step_ms"]
+            elif deepall_ms:
+              r["ratio_to_deepall"] = round(r["step_ms"] / deepall_ms, 2)
+            if args.json:
+              print(json.dumps(r), flush=True)
+            else:
+              label = method + (f" order {r['order']}" if "order" in r else "")
+              ratio = f"  {r['ratio_to_deepall']:.2f}x DeepAll" if "ratio_to_deepall" in r else ""
+              print(f"{label:14s} {r['variant']:5s} batch {batch:3d} {size}x{size} {dtype:8s}: "
+                    f"{r['step_ms']:8.1f} ms/step {r['slices_per_s']:8.1f} slices/s  compile {r['compile_s']:5.1f} s  "
+                    f"peak {r['peak_mem_mb']:.0f} MB  data wait {100 * r['data_wait_fraction']:.1f} %{ratio}",
+                    flush=True)
   return 0
 
 

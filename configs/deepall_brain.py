@@ -1,29 +1,25 @@
-"""DeepAll on brain-sites at full size, for a GPU: sites A, B, C train; D held out.
+"""DeepAll on brain-sites (the talk's brain-tissue experiment: four domains, one held out).
 
     python -m medgen_jax.train --config configs/deepall_brain.py --workdir runs/deepall_brain
+    python -m medgen_jax.sweep --config configs/deepall_brain.py:quick --config configs/masf_brain.py:quick \
+        --held-out all --seeds 3 --workdir runs/sweep_brain
 
-Native 2 mm grid (99x117 slices padded to 128x128), U-Net 16-32-64-128-256, 20k steps of batch 24.
-Leave-one-site-out: `--config.data.held_out='("A",)'` etc. (medgen_jax.sweep comes with the
-meta-learning issue).
+Full size (default): native 2 mm grid (99x117 slices padded to 128x128), U-Net 16-32-64-128 + 256,
+20k steps of batch 24 — a GPU run. `:quick` = the quick start's CPU-sized settings.
 
-Numbers: not measured yet (no GPU was lent to this project's sessions so far; on the 2-core CPU a
-step of batch 24 at 128x128 takes ~0.8 s, i.e. ~4.5 h). configs/quickstart.py is the CPU-sized run.
+Numbers: full size not measured (no GPU was lent to this project's sessions; ~0.8 s per step on
+the 2-core CPU, ~4.5 h). `:quick` in the leave-one-domain-out sweep: see README "Results".
 """
 
-from medgen_jax.config import base_config
+from medgen_jax.config import base_config, cpu_sized_brain, gpu_sized_brain
+
+QUICK_STEPS = 600
 
 
-def get_config():
+def get_config(arg=None):
   config = base_config()
   config.method = "deepall"
   config.data.held_out = ("D",)
-  config.data.in_plane_shape = (128, 128)
-  config.data.synthesize.cases_per_site = 10
-  config.model.base_features = 16
-  config.batch_size = 24
-  config.num_steps = 20_000
-  config.optimizer.schedule = "cosine"
-  config.log_every = 100
-  config.eval_every = 1000
-  config.checkpoint.every = 1000
-  return config
+  if arg == "quick":
+    return cpu_sized_brain(config, num_steps=QUICK_STEPS)
+  return gpu_sized_brain(config)

@@ -2,6 +2,8 @@
 
     python -m medgen_jax.train --config configs/deepall_prostate.py --workdir runs/deepall_prostate \
         --config.data.root=/path/to/Processed_data_nii --config.data.held_out='("BIDMC",)'
+    python -m medgen_jax.sweep --config configs/deepall_prostate.py --config configs/saml_prostate.py \
+        --held-out all --seeds 3 --workdir runs/sweep_prostate --set data.root=/path/to/Processed_data_nii
 
 Data: `ROOT/{BIDMC,BMC,HK,I2CVB,RUNMC,UCL}/CaseNN.nii.gz` + `CaseNN_segmentation.nii.gz`
 (check it first: `python -m medgen_jax.data.check ROOT --layout prostate6`). As in SAML/MS-Net:
@@ -12,22 +14,11 @@ Numbers: none yet. The prostate data cannot be downloaded on the project's machi
 network at run time); the config is exercised by the test suite on a synthetic prostate6 folder.
 """
 
-from medgen_jax.config import base_config
+from medgen_jax.config import base_config, prostate6
 
 
 def get_config():
-  config = base_config()
+  config = prostate6(base_config())
   config.method = "deepall"
-  config.data.root = "data/prostate6"
-  config.data.layout = "prostate6"
-  config.data.held_out = ("BIDMC",)
-  config.data.in_plane_shape = (384, 384)
-  config.data.context_slices = 3
-  config.data.slices = "foreground"
-  config.loss.dice_variant = "linear"
   config.batch_size = 10
-  config.num_steps = 10_000
-  config.log_every = 100
-  config.eval_every = 500
-  config.checkpoint.every = 500
   return config

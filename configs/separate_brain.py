@@ -11,20 +11,11 @@ volume (diagonal = the model's own site):
   Separate (D): A 70.36  B 71.43  C 66.95  D 66.77
 """
 
-from medgen_jax.config import base_config
+from medgen_jax.config import base_config, cpu_sized_brain
 
 
 def get_config():
-  config = base_config()
+  config = cpu_sized_brain(base_config(), num_steps=1200)
   config.method = "separate"
   config.data.held_out = ()
-  config.data.in_plane_spacing = (3.0, 3.0)
-  config.data.in_plane_shape = (80, 80)
-  config.model.base_features = 8
-  config.batch_size = 12
-  config.num_steps = 1200
-  config.optimizer.schedule = "cosine"
-  config.log_every = 50
-  config.eval_every = 300
-  config.checkpoint.every = 300
   return config

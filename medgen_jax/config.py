@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import ml_collections
 
+from medgen_jax.augment import default_augment_config
 from medgen_jax.data.pipeline import default_data_config
 
-METHODS = ("deepall", "separate")
+METHODS = ("deepall", "separate", "mldg", "masf", "saml")
 SELECTIONS = ("val", "last", "oracle")
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "deepall"          # deepall (= Joint) | separate (one model per source site)
+  c.method = "deepall"          # deepall (= Joint) | separate | mldg | masf | saml
   c.seed = 0                    # init, dropout and data-sampling seed
   c.data = default_data_config()
 
@@ -37,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
       "decay_rate": 0.95, "decay_steps": 500, "warmup_steps": 0,
       "grad_clip_norm": 0.0})     # 0 = off; else global-norm clipping
 
-  c.batch_size = 12               # global; a multiple of the source sites and of the devices
+  c.batch_size = 12               # global slices per step (episodic methods: split evenly over
+                                  # the meta-train + meta-test domains of the step)
   c.num_steps = 2000
   c.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay float32)
   c.bn_sync = True                # BatchNorm statistics over all devices (else per device)
@@ -50,7 +52,73 @@ def base_config() -> ml_collections.ConfigDict:
       "selection": "val",         # val (source-site validation) | last | oracle (target labels!)
       "distances": True})         # ASD/HD95 in the final evaluation
   c.progress_bar = True
+
+  # Episodic meta-learning (mldg, masf, saml): meta.py, methods/*.py.
+  c.meta = ml_collections.ConfigDict({
+      "meta_train_domains": 2, "meta_test_domains": 1,
+      "inner_lr": 1e-3,           # α of θ' = θ − α·clip(∇L_tr)
+      "beta": 1.0,                # MLDG's weight of the meta-test loss
+      "first_order": False,       # True: stop the gradient through the inner gradient
+      "clip": 0.0})               # per-tensor norm clip of the inner gradient (0 = off)
+  c.masf = ml_collections.ConfigDict({
+      "global_weight": 1.0, "local_weight": 0.005, "temperature": 2.0,
+      "alignment_variant": "talk",  # talk | masf_code
+      "metric_loss": "triplet",     # triplet (semi-hard) | contrastive
+      "margin": 10.0, "metric_lr": 1e-3, "metric_features": (32, 16)})
+  c.saml = ml_collections.ConfigDict({
+      "compactness_weight": 1.0, "smoothness_weight": 0.005,
+      "perimeter_scale": 0.01, "compactness_reduction": "sum",   # released code's details
+      "metric_loss": "triplet", "margin": 10.0, "metric_lr": 1e-3, "metric_features": (24, 16)})
+  c.augment = default_augment_config()   # BigAug, any method
   return c
+
+
+def cpu_sized_brain(config: ml_collections.ConfigDict, *, num_steps: int) -> ml_collections.ConfigDict:
+  """The quick start's CPU-sized brain-sites settings (3 mm slices, 80x80, U-Net 8-16-32-64 + 128,
+  batch 12, cosine schedule), shared by `configs/*_brain.py:quick`."""
+  config.data.in_plane_spacing = (3.0, 3.0)
+  config.data.in_plane_shape = (80, 80)
+  config.model.base_features = 8
+  config.model.depth = 4
+  config.batch_size = 12
+  config.num_steps = num_steps
+  config.optimizer.schedule = "cosine"
+  config.log_every = 50
+  config.eval_every = max(num_steps // 4, 1)
+  config.checkpoint.every = config.eval_every
+  return config
+
+
+def gpu_sized_brain(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Full-size brain-sites settings (native 2 mm grid padded to 128x128, U-Net 16-32-64-128 +
+  256, 10 cases per site, 20k steps of batch 24, cosine schedule), for a GPU."""
+  config.data.in_plane_shape = (128, 128)
+  config.data.synthesize.cases_per_site = 10
+  config.model.base_features = 16
+  config.batch_size = 24
+  config.num_steps = 20_000
+  config.optimizer.schedule = "cosine"
+  config.log_every = 100
+  config.eval_every = 1000
+  config.checkpoint.every = 1000
+  return config
+
+
+def prostate6(config: ml_collections.ConfigDict, *, held_out: str = "BIDMC") -> ml_collections.ConfigDict:
+  """The six-site prostate collection as SAML/MS-Net use it: whole-volume z-score, 2.5-D input of
+  3 slices at 384x384, slices drawn within the gland, Dice with the linear denominator."""
+  config.data.root = "data/prostate6"
+  config.data.layout = "prostate6"
+  config.data.held_out = (held_out,)
+  config.data.in_plane_shape = (384, 384)
+  config.data.context_slices = 3
+  config.data.slices = "foreground"
+  config.loss.dice_variant = "linear"
+  config.num_steps = 10_000
+  config.log_every = 100
+  config.eval_every = 500
+  config.checkpoint.every = 500
+  return config
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -71,3 +139,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fail(key, "must be >= 1")
   if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
     fail("checkpoint", "every and keep must be >= 1")
+  if config.method in ("mldg", "masf", "saml"):
+    groups = config.meta.meta_train_domains + config.meta.meta_test_domains
+    if config.batch_size % groups:
+      fail("batch_size", f"{config.batch_size} is not a multiple of the {groups} domains of an episode "
+           "(meta.meta_train_domains + meta.meta_test_domains)")

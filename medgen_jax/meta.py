@@ -49,22 +49,33 @@ def inner_update(grads, params, *, inner_lr: float, clip: float | None = None):
   return jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
 
 
+def adapt(loss_fn: Callable, params, batch, *, inner_lr: float, first_order: bool = False,
+          clip: float | None = None, has_aux: bool = False, axis_name: str | None = None):
+  """One inner step: returns (θ', L(θ), aux). With `axis_name` the inner gradient is averaged over
+  the data-parallel axis, i.e. it is the gradient on the global batch."""
+  if has_aux:
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  else:
+    (loss, grads), aux = jax.value_and_grad(loss_fn)(params, batch), None
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  if first_order:
+    grads = jax.lax.stop_gradient(grads)
+  return inner_update(grads, params, inner_lr=inner_lr, clip=clip), loss, aux
+
+
 def mldg_objective(loss_fn: Callable, params, meta_train, meta_test, *, inner_lr: float,
                    beta: float = 1.0, first_order: bool = False, clip: float | None = None,
-                   has_aux: bool = False):
+                   has_aux: bool = False, axis_name: str | None = None):
   """L_tr(θ) + β · L_te(θ'), θ' = inner_update(∇L_tr(θ)). Differentiate it with jax.grad.
 
   `loss_fn(params, batch)` returns a scalar, or `(scalar, aux)` with `has_aux=True`, in which case
   this returns `(objective, {'meta_train': aux_tr, 'meta_test': aux_te, 'loss_meta_train': L_tr,
-  'loss_meta_test': L_te})`.
+  'loss_meta_test': L_te})`. `axis_name`: see `adapt`.
   """
-  if has_aux:
-    (loss_tr, aux_tr), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, meta_train)
-  else:
-    loss_tr, grads = jax.value_and_grad(loss_fn)(params, meta_train)
-  if first_order:
-    grads = jax.lax.stop_gradient(grads)
-  adapted = inner_update(grads, params, inner_lr=inner_lr, clip=clip)
+  adapted, loss_tr, aux_tr = adapt(loss_fn, params, meta_train, inner_lr=inner_lr,
+                                   first_order=first_order, clip=clip, has_aux=has_aux,
+                                   axis_name=axis_name)
   if has_aux:
     loss_te, aux_te = loss_fn(adapted, meta_test)
     return loss_tr + beta * loss_te, {"meta_train": aux_tr, "meta_test": aux_te,

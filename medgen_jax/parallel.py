@@ -52,6 +52,15 @@ def shard_batch(batch, num_devices: int | None = None):
   return jax.tree.map(reshape, batch)
 
 
+def gather_global(x, axis_name: str | None):
+  """Inside a pmapped step: concatenate every device's `x` along axis 0 (identity without an
+  axis). Losses over all samples (metric learning) then see the global batch; the gradient of
+  a device's own rows flows back through the gather."""
+  if axis_name is None:
+    return x
+  return jax.lax.all_gather(x, axis_name, tiled=True)
+
+
 class DataParallel:
   """Runs `step(state, batch, key)` pmapped over `num_devices` local devices.
 

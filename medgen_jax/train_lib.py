@@ -27,18 +27,21 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from medgen_jax import config as config_lib
 from medgen_jax import parallel, report
 from medgen_jax.checkpoint import Checkpoints, abstract_like
 from medgen_jax.data.nifti import write_bytes_atomic
 from medgen_jax.data.pipeline import PreparedData, prepare_data
-from medgen_jax.data.sampler import SliceSampler
+from medgen_jax import methods
+from medgen_jax.data.sampler import EpisodicSampler, SliceSampler
 from medgen_jax.evaluate import evaluate_cases, mean_dice
 from medgen_jax.inference import make_predict_fn
-from medgen_jax.methods import deepall
+from medgen_jax.models.metric import MetricNet
 from medgen_jax.train_state import create_train_state, make_model, make_optimizer
 from medgen_jax.writers import MetricWriter
 
@@ -123,8 +126,12 @@ def train_one(config, data: PreparedData, *, name: str, sources: list[str], work
   eval_model = make_model(config.model, num_classes=num_classes, dtype=config.dtype)
   tx = make_optimizer(config.optimizer, num_steps=config.num_steps)
   state = create_train_state(config.seed, train_model, tx, input_shape=in_shape)
-  sampler = SliceSampler(data.train, sites=sources, batch_size=config.batch_size,
-                         seed=config.seed + 1_000_003 * jax.process_index())
+  metric_model, metric_tx = make_metric_network(config)
+  if metric_model is not None:
+    phi = metric_model.init(jax.random.PRNGKey(config.seed + 7),
+                            jnp.zeros((1, config.model.base_features)))["params"]
+    state = state.replace(metric_params=phi, metric_opt_state=metric_tx.init(phi))
+  sampler = make_sampler(config, data, sources)
   selection_key = "oracle_dice" if config.eval.selection == "oracle" else "val_dice"
   ckpts = Checkpoints(workdir / name / "checkpoints", keep=config.checkpoint.keep,
                       selection_key=selection_key, save_async=config.checkpoint.async_save)
@@ -149,12 +156,10 @@ def train_one(config, data: PreparedData, *, name: str, sources: list[str], work
     return out
 
   if start < config.num_steps:
-    runner = parallel.DataParallel(
-        deepall.make_train_step(train_model, tx, config.loss, num_classes=num_classes,
-                                axis_name=parallel.AXIS_NAME, bn_sync=sync))
-    if config.batch_size % runner.num_devices:
-      raise ValueError(f"config.batch_size={config.batch_size}: not a multiple of the "
-                       f"{runner.num_devices} devices. Fix: use a multiple of {runner.num_devices}")
+    runner = parallel.DataParallel(methods.MODULES[config.method].make_train_step(
+        train_model, tx, config, num_classes=num_classes, axis_name=parallel.AXIS_NAME,
+        bn_sync=sync, metric_model=metric_model, metric_tx=metric_tx))
+    check_batch_fits_devices(config, runner.num_devices)
     replicated = runner.replicate(state)
     base_key = np.asarray(state.rng)
     bar = _progress(config.num_steps, start, config.progress_bar)
@@ -209,14 +214,55 @@ def train_one(config, data: PreparedData, *, name: str, sources: list[str], work
                       chosen, config.eval.selection)
 
 
+def make_metric_network(config):
+  """M_φ and its optimizer for MASF/SAML; (None, None) for the other methods."""
+  if config.method not in methods.WITH_METRIC_NET:
+    return None, None
+  block = config[config.method]
+  return MetricNet(tuple(block.metric_features)), optax.adam(block.metric_lr)
+
+
+def make_sampler(config, data: PreparedData, sources):
+  seed = config.seed + 1_000_003 * jax.process_index()
+  if not methods.is_episodic(config.method):
+    return SliceSampler(data.train, sites=sources, batch_size=config.batch_size, seed=seed)
+  m = config.meta
+  groups = m.meta_train_domains + m.meta_test_domains
+  return EpisodicSampler(data.train, sites=sources, meta_train_domains=m.meta_train_domains,
+                         meta_test_domains=m.meta_test_domains,
+                         slices_per_domain=config.batch_size // groups, seed=seed)
+
+
+def check_batch_fits_devices(config, num_devices: int) -> None:
+  if methods.is_episodic(config.method):
+    per_domain = config.batch_size // (config.meta.meta_train_domains + config.meta.meta_test_domains)
+    if per_domain % num_devices:
+      raise ValueError(f"config.batch_size={config.batch_size}: {per_domain} slices per domain do not split "
+                       f"over {num_devices} devices. Fix: make batch_size / (meta-train + meta-test "
+                       f"domains) a multiple of {num_devices}")
+  elif config.batch_size % num_devices:
+    raise ValueError(f"config.batch_size={config.batch_size}: not a multiple of the "
+                     f"{num_devices} devices. Fix: use a multiple of {num_devices}")
+
+
 def _selection_note(selection: str) -> str:
   return {"val": "checkpoint selected by mean Dice on the source sites' validation cases",
           "last": "last checkpoint (no selection)",
           "oracle": "ORACLE: checkpoint selected with the held-out (target) site's labels"}[selection]
 
 
+METHOD_NAMES = {"deepall": "DeepAll", "mldg": "MLDG", "masf": "MASF", "saml": "SAML"}
+
+
 def method_label(config, trained: TrainedModel) -> str:
-  base = "DeepAll" if config.method == "deepall" else f"Separate ({trained.sources[0]})"
+  if config.method == "separate":
+    base = f"Separate ({trained.sources[0]})"
+  else:
+    base = METHOD_NAMES[config.method]
+    if methods.is_episodic(config.method) and config.meta.first_order:
+      base += " (1st order)"
+  if config.augment.enabled:
+    base += " + BigAug"
   return base + (" [oracle]" if trained.selection == "oracle" else "")
 
 
@@ -255,9 +301,9 @@ def evaluate_models(config, data: PreparedData, trained_models, workdir: Path) -
 
 
 def _model_runs(config, data):
-  if config.method == "deepall":
-    return [("deepall", list(data.sources))]
-  return [(f"separate_{site}", [site]) for site in data.sources]
+  if config.method == "separate":
+    return [(f"separate_{site}", [site]) for site in data.sources]
+  return [(config.method, list(data.sources))]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -270,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     write_bytes_atomic(workdir / "normalizer.json", json.dumps(data.normalizer.to_dict(), indent=1).encode())
   trained = []
   for name, sources in _model_runs(config, data):
-    writer = MetricWriter(workdir, prefix="" if config.method == "deepall" else name)
+    writer = MetricWriter(workdir, prefix=name if config.method == "separate" else "")
     try:
       trained.append(train_one(config, data, name=name, sources=sources, workdir=workdir, writer=writer))
     finally:

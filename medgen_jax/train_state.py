@@ -27,6 +27,10 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # raw uint32[2] key
+  # Methods with a second network (MASF/SAML's metric embedding M_φ) keep it here, with its own
+  # optimizer state; empty for the others.
+  metric_params: Any = flax.struct.field(default_factory=dict)
+  metric_opt_state: Any = flax.struct.field(default_factory=dict)
 
   def variables(self) -> dict:
     return {"params": self.params, "batch_stats": self.batch_stats}

@@ -1,6 +1,7 @@
 """meta.py: the MLDG meta-gradient against finite differences and the closed form."""
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,14 +30,14 @@ def test_second_order_meta_gradient_matches_finite_differences(mlp_problem, clip
     params, tr, te = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), mlp_problem)
     f = lambda p: meta.mldg_objective(mlp_loss, p, tr, te, inner_lr=0.3, beta=0.7, clip=clip)
     grad = jax.grad(f)(params)
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    flat, unravel = ravel_pytree(params)
     numeric = np.zeros(flat.shape)
     eps = 1e-6
     for i in range(flat.size):
       e = np.zeros(flat.shape)
       e[i] = eps
       numeric[i] = (f(unravel(flat + e)) - f(unravel(flat - e))) / (2 * eps)
-    analytic = np.asarray(jax.flatten_util.ravel_pytree(grad)[0])
+    analytic = np.asarray(ravel_pytree(grad)[0])
     rel = np.linalg.norm(analytic - numeric) / np.linalg.norm(numeric)
     assert rel < 1e-4
 

@@ -73,9 +73,9 @@ def test_pmapped_step_equals_one_device_step():
               "label": rng.integers(0, 4, size=(4, 32, 32)).astype(np.int32)} for _ in range(3)]
   single_model = UNet(4, base_features=4, depth=2)
   single = create_train_state(0, single_model, tx, input_shape=(1, 32, 32, 1))
-  single_step = jax.jit(make_train_step(single_model, tx, config.loss, num_classes=4))
+  single_step = jax.jit(make_train_step(single_model, tx, config, num_classes=4))
   multi_model = UNet(4, base_features=4, depth=2, bn_axis_name=parallel.AXIS_NAME)
-  runner = parallel.DataParallel(make_train_step(multi_model, tx, config.loss, num_classes=4,
+  runner = parallel.DataParallel(make_train_step(multi_model, tx, config, num_classes=4,
                                                  axis_name=parallel.AXIS_NAME, bn_sync=True), num_devices=2)
   multi = runner.replicate(create_train_state(0, multi_model, tx, input_shape=(1, 32, 32, 1)))
   key = jax.random.PRNGKey(1)
@@ -233,7 +233,7 @@ def test_bfloat16_compute_keeps_float32_params():
   tx = make_optimizer(config.optimizer, num_steps=10)
   model = UNet(4, base_features=4, depth=2, dtype=jax.numpy.bfloat16)
   state = create_train_state(0, model, tx, input_shape=(1, 16, 16, 1))
-  step = jax.jit(make_train_step(model, tx, config.loss, num_classes=4))
+  step = jax.jit(make_train_step(model, tx, config, num_classes=4))
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(4, 16, 16, 1)).astype(np.float32),
            "label": rng.integers(0, 4, size=(4, 16, 16)).astype(np.int32)}

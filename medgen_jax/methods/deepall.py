@@ -1,7 +1,8 @@
 """DeepAll (= "Joint"): one model trained on all source sites pooled.
 
 Loss: segmentation_loss (weighted CE + soft Dice, losses.py) + an explicit L2 term on kernels.
-Used per site, the same step gives the "Separate" baseline (one model per site).
+Used per site, the same step gives the "Separate" baseline (one model per site); with
+`config.augment.enabled` it is the DeepAll + BigAug baseline.
 
 `make_train_step` returns the pure `step(state, batch, key) -> (state, metrics)`. With
 `axis_name` (pmap over the data-parallel axis) the Dice/CE batch sums are global, gradients,
@@ -12,11 +13,22 @@ function runs on one device unchanged.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from medgen_jax import losses
+from medgen_jax import augment, losses
 from medgen_jax.train_state import TrainState
+
+
+def segmentation_terms(logits, labels, params, loss_config, *, num_classes: int,
+                       axis_name: str | None = None):
+  """The task loss on logits: weighted CE + Dice (+ L2 on kernels). Returns (loss, metrics)."""
+  seg, metrics = losses.segmentation_loss(
+      logits, labels, num_classes=num_classes, ce_weight=loss_config.ce_weight,
+      dice_weight=loss_config.dice_weight, dice_variant=loss_config.dice_variant,
+      include_background=loss_config.include_background, class_weights=loss_config.class_weights,
+      ce_clip=loss_config.ce_clip, axis_name=axis_name)
+  l2 = losses.l2_kernel_loss(params, coefficient=loss_config.weight_decay)
+  return seg + l2, dict(metrics, loss=seg + l2, loss_l2=l2)
 
 
 def make_loss_fn(model, loss_config, *, num_classes: int, axis_name: str | None = None):
@@ -25,38 +37,50 @@ def make_loss_fn(model, loss_config, *, num_classes: int, axis_name: str | None 
   def loss_fn(params, batch_stats, batch, key):
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
                                   train=True, mutable=["batch_stats"], rngs={"dropout": key})
-    seg, metrics = losses.segmentation_loss(
-        logits, batch["label"], num_classes=num_classes, ce_weight=loss_config.ce_weight,
-        dice_weight=loss_config.dice_weight, dice_variant=loss_config.dice_variant,
-        include_background=loss_config.include_background, class_weights=loss_config.class_weights,
-        ce_clip=loss_config.ce_clip, axis_name=axis_name)
-    l2 = losses.l2_kernel_loss(params, coefficient=loss_config.weight_decay)
-    metrics = dict(metrics, loss=seg + l2, loss_l2=l2)
-    return seg + l2, (metrics, updates.get("batch_stats", batch_stats))
+    loss, metrics = segmentation_terms(logits, batch["label"], params, loss_config,
+                                       num_classes=num_classes, axis_name=axis_name)
+    return loss, (metrics, updates.get("batch_stats", batch_stats))
 
   return loss_fn
 
 
-def make_train_step(model, tx: optax.GradientTransformation, loss_config, *, num_classes: int,
-                    axis_name: str | None = None, bn_sync: bool = True):
-  loss_fn = make_loss_fn(model, loss_config, num_classes=num_classes, axis_name=axis_name)
+def finish_step(state: TrainState, tx, grads, metrics, batch_stats, *, axis_name, bn_sync,
+                metric_tx=None, metric_grads=None):
+  """Shared tail of every method's step: average over devices, apply the optimizer(s)."""
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    metrics = jax.lax.pmean(metrics, axis_name)
+    if metric_grads is not None:
+      metric_grads = jax.lax.pmean(metric_grads, axis_name)
+    if not bn_sync:  # keep the replicated state identical: average per-device statistics
+      batch_stats = jax.lax.pmean(batch_stats, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+  dice = metrics.pop("dice", None)
+  if dice is not None:
+    metrics.update({f"dice_{c}": dice[c] for c in range(dice.shape[0])})
+  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  if metric_grads is not None:
+    metric_updates, metric_opt_state = metric_tx.update(metric_grads, state.metric_opt_state,
+                                                        state.metric_params)
+    new = new.replace(metric_params=optax.apply_updates(state.metric_params, metric_updates),
+                      metric_opt_state=metric_opt_state)
+  return new, metrics
+
+
+def make_train_step(model, tx: optax.GradientTransformation, config, *, num_classes: int,
+                    axis_name: str | None = None, bn_sync: bool = True, **unused):
+  loss_fn = make_loss_fn(model, config.loss, num_classes=num_classes, axis_name=axis_name)
+  augment_config = config.get("augment")
 
   def step(state: TrainState, batch, key):
     if axis_name is not None:
       key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    augment_key, dropout_key = jax.random.split(key)
+    batch = augment.maybe_augment(augment_key, batch, augment_config)
     (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, key)
-    if axis_name is not None:
-      grads = jax.lax.pmean(grads, axis_name)
-      metrics = jax.lax.pmean(metrics, axis_name)
-      if not bn_sync:  # keep the replicated state identical: average per-device statistics
-        batch_stats = jax.lax.pmean(batch_stats, axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    dice = metrics.pop("dice")
-    metrics.update({f"dice_{c}": dice[c] for c in range(dice.shape[0])})
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state), metrics
+        state.params, state.batch_stats, batch, dropout_key)
+    return finish_step(state, tx, grads, metrics, batch_stats, axis_name=axis_name, bn_sync=bn_sync)
 
   return step

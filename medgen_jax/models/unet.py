@@ -74,7 +74,9 @@ class UNet(nn.Module):
   fast_ops: bool = True
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
+  def __call__(self, x, *, train: bool = False, return_features: bool = False):
+    """Logits [B, H, W, classes] (float32); with `return_features`, also the last decoder
+    block's output [B, H, W, base_features] (the semantic features MASF/SAML embed)."""
     if x.shape[1] % 2 ** self.depth or x.shape[2] % 2 ** self.depth:
       raise ValueError(f"input {x.shape[1]}x{x.shape[2]} must be divisible by 2^depth = "
                        f"{2 ** self.depth} (config data.in_plane_shape / model.depth)")
@@ -101,4 +103,5 @@ class UNet(nn.Module):
     else:
       logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
                        name="head")(x)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    return (logits, x) if return_features else logits

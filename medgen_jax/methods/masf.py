@@ -1,0 +1,119 @@
+"""MASF: Model-Agnostic learning of Semantic Features (Dou et al., NeurIPS 2019), for segmentation.
+
+Per step, source sites split into meta-train D_tr and meta-test D_te (2 + 1 of 3 by default):
+
+    θ'  = θ − α · clip(∇_θ L_task(θ; D_tr))
+    F(θ, φ) = L_task(θ; D_tr) + β₁ · L_global(θ'; D_tr, D_te) + β₂ · L_local(θ', φ; D_tr ∪ D_te)
+
+* L_task: weighted CE + Dice (+ L2), as DeepAll.
+* L_global (global class alignment, the talk's formula): per domain, the class-wise mean of the
+  logits over that domain's pixels of each class, softened with temperature τ; symmetric KL for
+  every (meta-train, meta-test) domain pair, averaged over classes, then over pairs
+  (losses.class_alignment_loss; `masf.alignment_variant='masf_code'` gives the released code's
+  class mask and clipping).
+* L_local (local sample clustering): for segmentation, one class-wise feature vector per image and
+  class present in it — the mean of the semantic features (last decoder block at θ') over that
+  class's pixels — embedded by M_φ (models/metric.py); labels are the class ids; semi-hard
+  triplet (Schroff) or contrastive (Hadsell) loss, `masf.metric_loss`. Images of all domains of the
+  episode (meta-train and meta-test) take part.
+
+The whole objective is differentiated exactly with nested jax.grad (second order unless
+`meta.first_order`; the released TF code is first order and applies the task and meta gradients
+through two Adam states — here one optimizer sees their sum). φ is updated by its own optimizer
+(`masf.metric_lr`) with ∂F/∂φ = β₂ ∂L_local/∂φ, as the code's metric_train_op.
+BatchNorm: see medgen_jax/meta.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from medgen_jax import losses, meta
+from medgen_jax.methods.deepall import finish_step, make_loss_fn, segmentation_terms
+from medgen_jax.methods.mldg import augment_episode, inner_clip
+from medgen_jax.parallel import gather_global
+
+EPISODIC = True
+
+
+def forward(model, params, batch_stats, images, key):
+  """Train-mode forward at (adapted) params: (logits, features); BN statistics discarded."""
+  (logits, features), _ = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                      train=True, return_features=True, mutable=["batch_stats"],
+                                      rngs={"dropout": key})
+  return logits, features
+
+
+def class_mean_features(features, onehot, *, eps: float = 1e-6):
+  """Per image and class: mean feature over that class's pixels. Returns ([B·C, F], class ids
+  [B·C], valid [B·C] = class present in the image)."""
+  b, c = onehot.shape[0], onehot.shape[-1]
+  sums = jnp.einsum("bhwc,bhwf->bcf", onehot, features.astype(jnp.float32))
+  counts = jnp.sum(onehot, axis=(1, 2))
+  means = sums / (counts[..., None] + eps)
+  labels = jnp.broadcast_to(jnp.arange(c), (b, c))
+  return means.reshape(b * c, -1), labels.reshape(-1), (counts > 0).reshape(-1)
+
+
+def metric_loss(name: str, embeddings, labels, valid, *, margin: float):
+  if name == "triplet":
+    return losses.semi_hard_triplet_loss(embeddings, labels, margin=margin, valid=valid)
+  if name == "contrastive":
+    return losses.contrastive_loss(embeddings, labels, margin=margin, valid=valid)
+  raise ValueError(f"unknown metric loss {name!r}: triplet | contrastive")
+
+
+def global_alignment(logits_tr, onehot_tr, logits_te, onehot_te, *, n_tr: int, n_te: int,
+                     temperature: float, variant: str, axis_name=None):
+  """Mean over (meta-train domain i, meta-test domain j) pairs of the class alignment loss.
+  Episode batches interleave their domains, so domain i of a group is rows i::n."""
+  pairs = [losses.class_alignment_loss(logits_tr[i::n_tr], onehot_tr[i::n_tr], logits_te[j::n_te],
+                                       onehot_te[j::n_te], temperature=temperature, variant=variant,
+                                       axis_name=axis_name)
+           for i in range(n_tr) for j in range(n_te)]
+  return sum(pairs) / len(pairs)
+
+
+def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,
+                    bn_sync: bool = True, metric_model=None, metric_tx=None):
+  task_loss = make_loss_fn(model, config.loss, num_classes=num_classes, axis_name=axis_name)
+  m, c = config.meta, config.masf
+
+  def step(state, batch, key):
+    if axis_name is not None:
+      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    augment_key, key_inner, key_tr, key_te = jax.random.split(key, 4)
+    meta_train, meta_test = augment_episode(augment_key, batch, config)
+
+    def objective(all_params):
+      theta, phi = all_params["model"], all_params["metric"]
+      adapted, loss_task, (task_metrics, batch_stats) = meta.adapt(
+          lambda p, b: task_loss(p, state.batch_stats, b, key_inner), theta, meta_train,
+          inner_lr=m.inner_lr, first_order=m.first_order, clip=inner_clip(m), has_aux=True,
+          axis_name=axis_name)
+      logits_tr, feats_tr = forward(model, adapted, state.batch_stats, meta_train["image"], key_tr)
+      logits_te, feats_te = forward(model, adapted, state.batch_stats, meta_test["image"], key_te)
+      onehot_tr = jax.nn.one_hot(meta_train["label"], num_classes)
+      onehot_te = jax.nn.one_hot(meta_test["label"], num_classes)
+      loss_global = global_alignment(logits_tr, onehot_tr, logits_te, onehot_te,
+                                     n_tr=m.meta_train_domains, n_te=m.meta_test_domains,
+                                     temperature=c.temperature, variant=c.alignment_variant,
+                                     axis_name=axis_name)
+      vectors, labels, valid = class_mean_features(jnp.concatenate([feats_tr, feats_te]),
+                                                   jnp.concatenate([onehot_tr, onehot_te]))
+      embeddings = metric_model.apply({"params": phi}, vectors)
+      loss_local = metric_loss(c.metric_loss, gather_global(embeddings, axis_name),
+                               gather_global(labels, axis_name), gather_global(valid, axis_name),
+                               margin=c.margin)
+      total = loss_task + c.global_weight * loss_global + c.local_weight * loss_local
+      metrics = dict(task_metrics, loss_task=loss_task, loss_global=loss_global,
+                     loss_local=loss_local, loss_total=total)
+      return total, (metrics, batch_stats)
+
+    (_, (metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        {"model": state.params, "metric": state.metric_params})
+    return finish_step(state, tx, grads["model"], metrics, batch_stats, axis_name=axis_name,
+                       bn_sync=bn_sync, metric_tx=metric_tx, metric_grads=grads["metric"])
+
+  return step
