@@ -10,7 +10,7 @@ Numbers: not measured yet (full size needs a GPU).
 
 from medgen_jax.config import base_config, cpu_sized_brain, gpu_sized_brain
 
-QUICK_STEPS = 600
+QUICK_STEPS = 300
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ the 2-core CPU, ~4.5 h). `:quick` in the leave-one-domain-out sweep: see README 
 
 from medgen_jax.config import base_config, cpu_sized_brain, gpu_sized_brain
 
-QUICK_STEPS = 600
+QUICK_STEPS = 300
 
 
 def get_config(arg=None):

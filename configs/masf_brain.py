@@ -13,7 +13,7 @@ Numbers: full size not measured (GPU); `:quick` in the sweep: see README "Result
 
 from medgen_jax.config import base_config, cpu_sized_brain, gpu_sized_brain
 
-QUICK_STEPS = 600
+QUICK_STEPS = 300
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ Numbers: not measured yet (full size needs a GPU; `:quick` was not part of the C
 
 from medgen_jax.config import base_config, cpu_sized_brain, gpu_sized_brain
 
-QUICK_STEPS = 600
+QUICK_STEPS = 300
 
 
 def get_config(arg=None):

@@ -75,24 +75,33 @@ def _empty_policy_distance(pred, ref, spacing) -> float | None:
   return None
 
 
-def average_surface_distance(pred, ref, *, spacing=None, symmetric: bool = True) -> float:
+def _distances(pred, ref, spacing):
+  """(both directed distance sets) or the empty-mask policy value."""
   empty = _empty_policy_distance(pred, ref, spacing)
   if empty is not None:
-    return empty
-  forward = directed_surface_distances(pred, ref, spacing=spacing)
-  if not symmetric:
-    return float(forward.mean())
-  backward = directed_surface_distances(ref, pred, spacing=spacing)
+    return empty, None
+  return (directed_surface_distances(pred, ref, spacing=spacing),
+          directed_surface_distances(ref, pred, spacing=spacing))
+
+
+def _assd(forward, backward) -> float:
   return float(np.concatenate([forward, backward]).mean())
 
 
-def hausdorff_distance(pred, ref, *, spacing=None, percentile: float = 95) -> float:
-  empty = _empty_policy_distance(pred, ref, spacing)
-  if empty is not None:
-    return empty
-  forward = directed_surface_distances(pred, ref, spacing=spacing)
-  backward = directed_surface_distances(ref, pred, spacing=spacing)
+def _hd(forward, backward, percentile) -> float:
   return float(max(np.percentile(forward, percentile), np.percentile(backward, percentile)))
+
+
+def average_surface_distance(pred, ref, *, spacing=None, symmetric: bool = True) -> float:
+  forward, backward = _distances(pred, ref, spacing)
+  if backward is None:
+    return forward
+  return _assd(forward, backward) if symmetric else float(forward.mean())
+
+
+def hausdorff_distance(pred, ref, *, spacing=None, percentile: float = 95) -> float:
+  forward, backward = _distances(pred, ref, spacing)
+  return forward if backward is None else _hd(forward, backward, percentile)
 
 
 def score_volume(pred: np.ndarray, ref: np.ndarray, *, num_classes: int, spacing=None,
@@ -104,8 +113,9 @@ def score_volume(pred: np.ndarray, ref: np.ndarray, *, num_classes: int, spacing
     out["dice"].append(dice_score(p, r))
     out["flag"].append(empty_flag(p, r))
     if distances:
-      out["asd"].append(average_surface_distance(p, r, spacing=spacing))
-      out["hd95"].append(hausdorff_distance(p, r, spacing=spacing))
+      forward, backward = _distances(p, r, spacing)  # one pair of distance transforms per class
+      out["asd"].append(forward if backward is None else _assd(forward, backward))
+      out["hd95"].append(forward if backward is None else _hd(forward, backward, 95))
   if not distances:
     del out["asd"], out["hd95"]
   return out

@@ -94,8 +94,9 @@ def markdown_report(records, *, sites, class_names, title: str, notes: list[str]
               and any(r["site"] == s for r in records)]
   parts = [f"# {title}", "", *[f"- {n}" for n in notes], "",
            "## Dice (%) per site, mean ± std over volumes (mean over foreground classes)", "",
-           site_table(records, sites=sites, metric="dice"), "",
-           "## ASD (mm) per site", "", site_table(records, sites=sites, metric="asd"), ""]
+           site_table(records, sites=sites, metric="dice"), ""]
+  if records and "asd" in records[0]:
+    parts += ["## ASD (mm) per site", "", site_table(records, sites=sites, metric="asd"), ""]
   for site in held_out:
     parts += [f"## Per class, unseen site {site}", "",
               class_table([r for r in records if r["site"] == site], class_names=class_names), ""]

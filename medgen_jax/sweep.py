@@ -47,9 +47,11 @@ def load_config(spec: str, overrides=()):
     target = config
     *parents, last = key.split(".")
     for p in parents:
+      if p not in target:
+        raise ValueError(f"--set {item}: unknown config key {key!r}")
       target = target[p]
     if last not in target:
-      raise KeyError(f"--set {item}: unknown config key {key!r}")
+      raise ValueError(f"--set {item}: unknown config key {key!r}")
     target[last] = tuple(value) if isinstance(value, list) else value
   config.lock()
   return config
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
           dice = unseen_dice(out["records"], site)
           rows.setdefault(method, {}).setdefault(site, []).append(dice)
           csv_rows.append([config_name(spec), method, site, seed, f"{dice:.4f}"])
-  except (DataError, FileNotFoundError, KeyError, ValueError) as e:
+  except (DataError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   rules = {"val": "best mean Dice on the source sites' validation cases",

@@ -6,9 +6,11 @@ Encoder blocks of `base_features · 2^level` channels (16-32-64-128 by default),
 `num_classes` logits. It is the architecture of the PyTorch performance anchor
 (../shared/anchors/unet_torch.py). Dropout (rate `dropout`) sits after the bottleneck.
 
-Three layers are written in an equivalent form that XLA:CPU runs much faster, without changing
+Four layers are written in an equivalent form that XLA:CPU runs much faster, without changing
 what the model computes (`fast_ops=True`; `False` gives the textbook flax layers, for the
 benchmark):
+* 3×3 convolutions through models/ops.conv_same, whose second derivatives stay standard
+  convolutions (meta-learning's gradient-of-gradient otherwise hits non-canonical layouts);
 * 2×2/stride-2 transposed conv = a per-pixel matmul to 4·C_out channels + depth-to-space: the
   windows do not overlap, so out[2i+a, 2j+b, o] = b_o + Σ_c x[i, j, c]·K[a, b, c, o] exactly.
   XLA:CPU's weight gradient of the transposed conv was ~30 % of the step.
@@ -24,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from medgen_jax.models.norms import make_norm
+from medgen_jax.models.ops import conv_same
 
 
 class UpConv2x2(nn.Module):
@@ -42,6 +45,21 @@ class UpConv2x2(nn.Module):
     return y.reshape(b, 2 * h, 2 * w, self.features) + bias
 
 
+class ConvSame(nn.Module):
+  """3x3 'SAME' convolution without bias, as nn.Conv, through models/ops.conv_same (whose
+  second derivatives stay standard convolutions)."""
+
+  features: int
+  kernel_size: int = 3
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+    return conv_same(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 def max_pool_2x2(x):
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
@@ -52,13 +70,17 @@ class ConvBlock(nn.Module):
   norm: str = "batch"
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
+  fast_ops: bool = True
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     norm = make_norm(self.norm, axis_name=self.bn_axis_name, dtype=self.dtype)
     for i in range(2):
-      x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                  param_dtype=jnp.float32, name=f"conv{i}")(x)
+      if self.fast_ops:
+        x = ConvSame(self.features, dtype=self.dtype, name=f"conv{i}")(x)
+      else:
+        x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+                    param_dtype=jnp.float32, name=f"conv{i}")(x)
       x = nn.relu(norm(name=f"norm{i}")(x, train=train))
     return x
 
@@ -80,7 +102,7 @@ class UNet(nn.Module):
     if x.shape[1] % 2 ** self.depth or x.shape[2] % 2 ** self.depth:
       raise ValueError(f"input {x.shape[1]}x{x.shape[2]} must be divisible by 2^depth = "
                        f"{2 ** self.depth} (config data.in_plane_shape / model.depth)")
-    block = lambda f, name: ConvBlock(f, self.norm, self.bn_axis_name, self.dtype, name=name)
+    block = lambda f, name: ConvBlock(f, self.norm, self.bn_axis_name, self.dtype, self.fast_ops, name=name)
     x = x.astype(self.dtype)
     skips = []
     for level in range(self.depth):
