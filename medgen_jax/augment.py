@@ -19,7 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.scipy import ndimage as jndimage
 
 TRANSFORMS = ("blur", "sharpen", "noise", "brightness", "contrast", "gamma", "rotation", "scaling",

@@ -4,7 +4,6 @@ import json
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from helpers import AFFINE, make_sites_dataset, write_nii
 from medgen_jax.data.layouts import detect_layout, discover

@@ -109,7 +109,6 @@ def test_compactness_of_disk_and_square():
 
 def test_contour_and_ring_masks_match_scipy():
   from scipy import ndimage
-  rng = np.random.default_rng(0)
   labels = np.zeros((2, 20, 20), np.int32)
   labels[0, 5:12, 4:15] = 1
   labels[1, 8:14, 8:13] = 2

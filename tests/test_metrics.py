@@ -1,6 +1,5 @@
 """Dice, ASSD, HD95 on analytic shapes and against a brute-force numpy computation."""
 
-import itertools
 
 import numpy as np
 import pytest

@@ -8,7 +8,7 @@ import pytest
 from helpers import make_sites_dataset
 from medgen_jax import parallel
 from medgen_jax.data.errors import DataError
-from medgen_jax.data.normalize import make_normalizer, nyul_fit
+from medgen_jax.data.normalize import nyul_fit
 from medgen_jax.data.pipeline import default_data_config, prepare_data
 from medgen_jax.data.sampler import EpisodicSampler, SiteSlices, SliceCache, SliceSampler
 from medgen_jax.data.splits import (check_splits, leave_one_site_out, load_splits, make_splits,

@@ -40,7 +40,7 @@ def test_sweep_runs_every_fold_and_resumes(tmp_path, capsys, monkeypatch):
   # The average column is the mean over held-out sites of each seed's Dice.
   dice = {(r.split(",")[1], r.split(",")[2]): float(r.split(",")[4]) for r in csv_rows[1:]}
   average = np.mean([dice[("DeepAll", "A")], dice[("DeepAll", "B")]])
-  assert f"| DeepAll | " in table and f"{average:.2f} ± 0.00 |" in table
+  assert "| DeepAll | " in table and f"{average:.2f} ± 0.00 |" in table
 
   def no_training(*args, **kwargs):
     raise AssertionError("a finished run was trained again")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from medgen_jax import losses, meta
-from medgen_jax.methods.deepall import finish_step, make_loss_fn, segmentation_terms
+from medgen_jax.methods.deepall import finish_step, make_loss_fn
 from medgen_jax.methods.mldg import augment_episode, inner_clip
 from medgen_jax.parallel import gather_global
 
