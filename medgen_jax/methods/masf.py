@@ -29,20 +29,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from medgen_jax import losses, meta
-from medgen_jax.methods.deepall import finish_step, make_loss_fn
-from medgen_jax.methods.mldg import augment_episode, inner_clip
+from medgen_jax import losses
+from medgen_jax.methods.episodic import forward, make_metric_step
 from medgen_jax.parallel import gather_global
 
 EPISODIC = True
-
-
-def forward(model, params, batch_stats, images, key):
-  """Train-mode forward at (adapted) params: (logits, features); BN statistics discarded."""
-  (logits, features), _ = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                      train=True, return_features=True, mutable=["batch_stats"],
-                                      rngs={"dropout": key})
-  return logits, features
 
 
 def class_mean_features(features, onehot, *, eps: float = 1e-6):
@@ -77,43 +68,27 @@ def global_alignment(logits_tr, onehot_tr, logits_te, onehot_te, *, n_tr: int, n
 
 def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,
                     bn_sync: bool = True, metric_model=None, metric_tx=None):
-  task_loss = make_loss_fn(model, config.loss, num_classes=num_classes, axis_name=axis_name)
   m, c = config.meta, config.masf
 
-  def step(state, batch, key):
-    if axis_name is not None:
-      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    augment_key, key_inner, key_tr, key_te = jax.random.split(key, 4)
-    meta_train, meta_test = augment_episode(augment_key, batch, config)
+  def outer(adapted, phi, episode):
+    """β₁ · global class alignment + β₂ · local sample clustering, at θ'."""
+    meta_train, meta_test = episode["meta_train"], episode["meta_test"]
+    logits_tr, feats_tr = forward(model, adapted, episode["batch_stats"], meta_train["image"], episode["key_tr"])
+    logits_te, feats_te = forward(model, adapted, episode["batch_stats"], meta_test["image"], episode["key_te"])
+    onehot_tr = jax.nn.one_hot(meta_train["label"], num_classes)
+    onehot_te = jax.nn.one_hot(meta_test["label"], num_classes)
+    loss_global = global_alignment(logits_tr, onehot_tr, logits_te, onehot_te,
+                                   n_tr=m.meta_train_domains, n_te=m.meta_test_domains,
+                                   temperature=c.temperature, variant=c.alignment_variant,
+                                   axis_name=axis_name)
+    vectors, labels, valid = class_mean_features(jnp.concatenate([feats_tr, feats_te]),
+                                                 jnp.concatenate([onehot_tr, onehot_te]))
+    embeddings = metric_model.apply({"params": phi}, vectors)
+    loss_local = metric_loss(c.metric_loss, gather_global(embeddings, axis_name),
+                             gather_global(labels, axis_name), gather_global(valid, axis_name),
+                             margin=c.margin)
+    return (c.global_weight * loss_global + c.local_weight * loss_local,
+            {"loss_global": loss_global, "loss_local": loss_local})
 
-    def objective(all_params):
-      theta, phi = all_params["model"], all_params["metric"]
-      adapted, loss_task, (task_metrics, batch_stats) = meta.adapt(
-          lambda p, b: task_loss(p, state.batch_stats, b, key_inner), theta, meta_train,
-          inner_lr=m.inner_lr, first_order=m.first_order, clip=inner_clip(m), has_aux=True,
-          axis_name=axis_name)
-      logits_tr, feats_tr = forward(model, adapted, state.batch_stats, meta_train["image"], key_tr)
-      logits_te, feats_te = forward(model, adapted, state.batch_stats, meta_test["image"], key_te)
-      onehot_tr = jax.nn.one_hot(meta_train["label"], num_classes)
-      onehot_te = jax.nn.one_hot(meta_test["label"], num_classes)
-      loss_global = global_alignment(logits_tr, onehot_tr, logits_te, onehot_te,
-                                     n_tr=m.meta_train_domains, n_te=m.meta_test_domains,
-                                     temperature=c.temperature, variant=c.alignment_variant,
-                                     axis_name=axis_name)
-      vectors, labels, valid = class_mean_features(jnp.concatenate([feats_tr, feats_te]),
-                                                   jnp.concatenate([onehot_tr, onehot_te]))
-      embeddings = metric_model.apply({"params": phi}, vectors)
-      loss_local = metric_loss(c.metric_loss, gather_global(embeddings, axis_name),
-                               gather_global(labels, axis_name), gather_global(valid, axis_name),
-                               margin=c.margin)
-      total = loss_task + c.global_weight * loss_global + c.local_weight * loss_local
-      metrics = dict(task_metrics, loss_task=loss_task, loss_global=loss_global,
-                     loss_local=loss_local, loss_total=total)
-      return total, (metrics, batch_stats)
-
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        {"model": state.params, "metric": state.metric_params})
-    return finish_step(state, tx, grads["model"], metrics, batch_stats, axis_name=axis_name,
-                       bn_sync=bn_sync, metric_tx=metric_tx, metric_grads=grads["metric"])
-
-  return step
+  return make_metric_step(outer, model, tx, config, num_classes=num_classes, axis_name=axis_name,
+                          bn_sync=bn_sync, metric_tx=metric_tx)

@@ -51,10 +51,10 @@ def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | Non
                                  beta=m.beta, first_order=m.first_order, clip=inner_clip(m),
                                  has_aux=True, axis_name=axis_name)
 
-    (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (value, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     metrics_tr, batch_stats = aux["meta_train"]
     metrics_te, _ = aux["meta_test"]
-    metrics = dict(metrics_tr, loss_meta_train=aux["loss_meta_train"],
+    metrics = dict(metrics_tr, loss=value, loss_meta_train=aux["loss_meta_train"],
                    loss_meta_test=aux["loss_meta_test"], dice_meta_test=metrics_te["dice"][1:].mean())
     return finish_step(state, tx, grads, metrics, batch_stats, axis_name=axis_name, bn_sync=bn_sync)
 

@@ -30,10 +30,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from medgen_jax import losses, meta
-from medgen_jax.methods.deepall import finish_step, make_loss_fn, segmentation_terms
-from medgen_jax.methods.masf import forward, metric_loss
-from medgen_jax.methods.mldg import augment_episode, inner_clip
+from medgen_jax import losses
+from medgen_jax.methods.deepall import segmentation_terms
+from medgen_jax.methods.episodic import forward, make_metric_step
+from medgen_jax.methods.masf import metric_loss
 from medgen_jax.parallel import gather_global
 
 EPISODIC = True
@@ -109,45 +109,27 @@ def region_embeddings(features, labels):
 
 def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,
                     bn_sync: bool = True, metric_model=None, metric_tx=None):
-  task_loss = make_loss_fn(model, config.loss, num_classes=num_classes, axis_name=axis_name)
-  m, c = config.meta, config.saml
+  c = config.saml
 
-  def step(state, batch, key):
-    if axis_name is not None:
-      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    augment_key, key_inner, key_tr, key_te = jax.random.split(key, 4)
-    meta_train, meta_test = augment_episode(augment_key, batch, config)
+  def outer(adapted, phi, episode):
+    """Meta-test task loss + λ₁ · compactness + λ₂ · smoothness, at θ'."""
+    meta_train, meta_test = episode["meta_train"], episode["meta_test"]
+    logits_te, feats_te = forward(model, adapted, episode["batch_stats"], meta_test["image"], episode["key_te"])
+    _, feats_tr = forward(model, adapted, episode["batch_stats"], meta_train["image"], episode["key_tr"])
+    loss_target, target_metrics = segmentation_terms(logits_te, meta_test["label"], adapted, config.loss,
+                                                     num_classes=num_classes, axis_name=axis_name)
+    foreground = 1.0 - jax.nn.softmax(logits_te, axis=-1)[..., 0]
+    loss_compact = compactness_loss(foreground, perimeter_scale=c.perimeter_scale,
+                                    reduction=c.compactness_reduction, axis_name=axis_name)
+    vectors, region, valid = region_embeddings(jnp.concatenate([feats_tr, feats_te]),
+                                               jnp.concatenate([meta_train["label"], meta_test["label"]]))
+    embeddings = metric_model.apply({"params": phi}, vectors)
+    loss_smooth = metric_loss(c.metric_loss, gather_global(embeddings, axis_name),
+                              gather_global(region, axis_name), gather_global(valid, axis_name),
+                              margin=c.margin)
+    loss = loss_target + c.compactness_weight * loss_compact + c.smoothness_weight * loss_smooth
+    return loss, {"loss_target": loss_target, "loss_compact": loss_compact, "loss_smooth": loss_smooth,
+                  "dice_meta_test": target_metrics["dice"][1:].mean()}
 
-    def objective(all_params):
-      theta, phi = all_params["model"], all_params["metric"]
-      adapted, loss_src, (src_metrics, batch_stats) = meta.adapt(
-          lambda p, b: task_loss(p, state.batch_stats, b, key_inner), theta, meta_train,
-          inner_lr=m.inner_lr, first_order=m.first_order, clip=inner_clip(m), has_aux=True,
-          axis_name=axis_name)
-      logits_te, feats_te = forward(model, adapted, state.batch_stats, meta_test["image"], key_te)
-      _, feats_tr = forward(model, adapted, state.batch_stats, meta_train["image"], key_tr)
-      loss_target, target_metrics = segmentation_terms(logits_te, meta_test["label"], adapted,
-                                                       config.loss, num_classes=num_classes,
-                                                       axis_name=axis_name)
-      foreground = 1.0 - jax.nn.softmax(logits_te, axis=-1)[..., 0]
-      loss_compact = compactness_loss(foreground, perimeter_scale=c.perimeter_scale,
-                                      reduction=c.compactness_reduction, axis_name=axis_name)
-      vectors, region, valid = region_embeddings(jnp.concatenate([feats_tr, feats_te]),
-                                                 jnp.concatenate([meta_train["label"], meta_test["label"]]))
-      embeddings = metric_model.apply({"params": phi}, vectors)
-      loss_smooth = metric_loss(c.metric_loss, gather_global(embeddings, axis_name),
-                                gather_global(region, axis_name), gather_global(valid, axis_name),
-                                margin=c.margin)
-      total = (loss_src + loss_target + c.compactness_weight * loss_compact
-               + c.smoothness_weight * loss_smooth)
-      metrics = dict(src_metrics, loss_source=loss_src, loss_target=loss_target,
-                     loss_compact=loss_compact, loss_smooth=loss_smooth, loss_total=total,
-                     dice_meta_test=target_metrics["dice"][1:].mean())
-      return total, (metrics, batch_stats)
-
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        {"model": state.params, "metric": state.metric_params})
-    return finish_step(state, tx, grads["model"], metrics, batch_stats, axis_name=axis_name,
-                       bn_sync=bn_sync, metric_tx=metric_tx, metric_grads=grads["metric"])
-
-  return step
+  return make_metric_step(outer, model, tx, config, num_classes=num_classes, axis_name=axis_name,
+                          bn_sync=bn_sync, metric_tx=metric_tx)
