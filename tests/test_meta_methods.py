@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import make_sites_dataset
+from helpers import make_sites_dataset, tiny_config
 from medgen_jax import methods, parallel, train_lib
 from medgen_jax.config import base_config
 from medgen_jax.models import UNet
@@ -114,21 +114,10 @@ def five_sites(tmp_path_factory):
 
 @pytest.mark.parametrize("method,label", [("masf", "MASF"), ("saml", "SAML (1st order)")])
 def test_train_and_evaluate_runs_episodic_methods(five_sites, tmp_path, method, label):
-  config = base_config()
-  config.method = method
-  config.data.root = str(five_sites)
-  config.data.held_out = ("E",)
-  config.data.in_plane_shape = (16, 16)
-  config.data.split.test_fraction = 0.0
-  config.model.base_features = 4
-  config.model.depth = 2
-  config.meta.first_order = method == "saml"
-  config.batch_size = 12  # 3 domains x 4 slices: 1 slice per domain per device
-  config.num_steps = 2
-  config.eval_every = 2
-  config.checkpoint.every = 2
-  config.progress_bar = False
-  config.lock()
+  # batch 12 = 3 domains x 4 slices: one slice per domain per device.
+  config = tiny_config(five_sites, method=method, batch_size=12, num_steps=2, eval_every=2,
+                       **{"data.held_out": ("E",), "data.split.test_fraction": 0.0,
+                          "meta.first_order": method == "saml", "checkpoint.every": 2})
   result = train_lib.train_and_evaluate(config, tmp_path / "run")
   assert {r["method"] for r in result["records"]} == {label}
   assert {r["site"] for r in result["records"] if r["role"] == "unseen"} == {"E"}

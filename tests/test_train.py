@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import make_sites_dataset
+from helpers import make_sites_dataset, tiny_config
 from medgen_jax import parallel, train_lib
 from medgen_jax.checkpoint import CheckpointWarning, Checkpoints, abstract_like
 from medgen_jax.config import base_config
@@ -26,30 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
   return make_sites_dataset(tmp_path_factory.mktemp("data") / "toy", sites=("A", "B", "C"), cases=5)
-
-
-def tiny_config(root, **overrides):
-  c = base_config()
-  c.data.root = str(root)
-  c.data.held_out = ("C",)
-  c.data.in_plane_shape = (16, 16)
-  c.model.base_features = 4
-  c.model.depth = 2
-  c.batch_size = 4
-  c.num_steps = 6
-  c.log_every = 2
-  c.eval_every = 3
-  c.checkpoint.every = 3
-  c.eval.batch_size = 8
-  c.progress_bar = False
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
-  c.lock()
-  return c
 
 
 def saved_state(workdir, step, model="deepall"):
