@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags
 
 from medgen_jax import metrics
@@ -32,11 +31,6 @@ def evaluate_cases(predict_fn, variables, cases_by_site, *, normalizer, data_con
       records.append({"method": method, "site": site, "case": case.case_id,
                       "role": role_of(site) if role_of else "", **scores})
   return records
-
-
-def mean_dice(records) -> float:
-  """Mean over volumes of the mean foreground-class Dice (the selection metric)."""
-  return float(np.mean([np.mean(r["dice"]) for r in records])) if records else float("nan")
 
 
 FLAGS = flags.FLAGS

@@ -18,6 +18,11 @@ import numpy as np
 METRICS = ("dice", "asd", "hd95")
 
 
+def mean_dice(records) -> float:
+  """Mean over volumes of the mean foreground-class Dice (the selection metric)."""
+  return float(np.mean([np.mean(r["dice"]) for r in records])) if records else float("nan")
+
+
 def _fmt(values, scale=1.0, digits=2) -> str:
   if not len(values):
     return "—"
@@ -66,9 +71,8 @@ def site_table(records, *, sites, metric: str = "dice") -> str:
   return "\n".join(lines)
 
 
-def class_table(records, *, class_names, site: str | None = None) -> str:
+def class_table(chosen, *, class_names) -> str:
   """Rows: methods; columns: Dice per class + average, ASD per class + average (SIFA layout)."""
-  chosen = [r for r in records if site is None or r["site"] == site]
   methods = list(dict.fromkeys(r["method"] for r in chosen))
   header = ["Method"] + [f"Dice {c}" for c in class_names] + ["Dice avg"] + \
            [f"ASD {c} (mm)" for c in class_names] + ["ASD avg (mm)"]

@@ -29,6 +29,7 @@ from medgen_jax.data.errors import DataError
 from medgen_jax.data.layouts import discover
 from medgen_jax.data.nifti import write_bytes_atomic
 from medgen_jax.data.synthesize import ensure_brain_sites
+from medgen_jax.report import mean_dice
 
 
 def load_config(spec: str, overrides=()):
@@ -86,8 +87,7 @@ def run_one(config, run_dir: Path) -> dict:
 
 
 def unseen_dice(records, site: str) -> float:
-  values = [np.mean(r["dice"]) for r in records if r["site"] == site and r["role"] == "unseen"]
-  return float(np.mean(values)) * 100
+  return mean_dice([r for r in records if r["site"] == site and r["role"] == "unseen"]) * 100
 
 
 def sweep_table(rows: dict, sites: list[str]) -> str:

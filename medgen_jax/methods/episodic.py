@@ -1,5 +1,6 @@
-"""The skeleton shared by MASF and SAML: one inner step on meta-train, an outer objective at θ'
-with a metric network M_φ, one optimizer for θ and one for φ.
+"""Episodic parts shared by the meta-learning methods: the episode's augmentation and inner clip
+(MLDG, MASF, SAML), and the skeleton of MASF and SAML: one inner step on meta-train, an outer
+objective at θ' with a metric network M_φ, one optimizer for θ and one for φ.
 
     θ' = θ − α · clip(∇_θ L_inner(θ; D_tr)),     F(θ, φ) = L_inner(θ; D_tr) + outer(θ', φ; D_tr, D_te)
 
@@ -13,9 +14,21 @@ from __future__ import annotations
 
 import jax
 
-from medgen_jax import meta
+from medgen_jax import augment, meta
 from medgen_jax.methods.deepall import finish_step, make_loss_fn
-from medgen_jax.methods.mldg import augment_episode, inner_clip
+
+
+def inner_clip(meta_config):
+  """The per-tensor inner-gradient clip norm, or None when `meta.clip` is 0 (off)."""
+  return meta_config.clip if meta_config.clip and meta_config.clip > 0 else None
+
+
+def augment_episode(key, batch, config):
+  """BigAug (when enabled) on both groups of an episode, with independent keys."""
+  k_tr, k_te = jax.random.split(key)
+  augment_config = config.get("augment")
+  return (augment.maybe_augment(k_tr, batch["meta_train"], augment_config),
+          augment.maybe_augment(k_te, batch["meta_test"], augment_config))
 
 
 def forward(model, params, batch_stats, images, key):

@@ -14,21 +14,11 @@ from __future__ import annotations
 
 import jax
 
-from medgen_jax import augment, meta
+from medgen_jax import meta
 from medgen_jax.methods.deepall import finish_step, make_loss_fn
+from medgen_jax.methods.episodic import augment_episode, inner_clip
 
 EPISODIC = True
-
-
-def inner_clip(meta_config):
-  return meta_config.clip if meta_config.clip and meta_config.clip > 0 else None
-
-
-def augment_episode(key, batch, config):
-  k_tr, k_te = jax.random.split(key)
-  augment_config = config.get("augment")
-  return (augment.maybe_augment(k_tr, batch["meta_train"], augment_config),
-          augment.maybe_augment(k_te, batch["meta_test"], augment_config))
 
 
 def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,
