@@ -28,16 +28,20 @@ import jax.numpy as jnp
 
 
 def global_sum(x, axis_name: str | None = None):
-  """Σ over the data-parallel axis (identity without one).
+  """Σ over the data-parallel axis of every device's `x` (identity without an axis).
 
-  Value: psum(x). Gradient with respect to the local x: N (the axis size) instead of psum's
-  collective transpose, so that the mean over devices of the local gradients of f(global_sum(x))
-  is the gradient of f on the global batch. Each device holds the exact global value.
+  Written as the sum of an `all_gather`, not as `psum`: every device then holds the global value
+  as an ordinary per-device ("varying") array, and each operation on the way is a linear
+  collective whose transpose is the true one (all_gather ↔ psum_scatter). Differentiating the
+  per-device losses therefore differentiates their sum over devices exactly, to every order: the
+  mean over devices of the local gradients — and of gradients of gradients, as in MLDG/MASF/SAML's
+  second-order meta-gradient — equals the one-device derivative on the global batch. (A value
+  `stop_gradient(psum x) + N·x − stop_gradient(N·x)` has the right first derivative only: its
+  cross-device second-order terms collapse onto the local one.)
   """
   if axis_name is None:
     return x
-  n = jax.lax.psum(1, axis_name)
-  return jax.lax.stop_gradient(jax.lax.psum(x, axis_name)) + (n * x - jax.lax.stop_gradient(n * x))
+  return jnp.sum(jax.lax.all_gather(x, axis_name), axis=0)
 
 
 def soft_dice_loss(probs, onehot, *, variant: str = "squared", include_background: bool = True,

@@ -31,6 +31,13 @@ class TrainState:
   # optimizer state; empty for the others.
   metric_params: Any = flax.struct.field(default_factory=dict)
   metric_opt_state: Any = flax.struct.field(default_factory=dict)
+  # Episodic methods run "as released" (meta.optimizers='released') keep a second optimizer
+  # state for θ: the task loss's own optimizer; empty otherwise.
+  task_opt_state: Any = flax.struct.field(default_factory=dict)
+  # 0 while every step so far had a finite loss, gradient norm and parameters; else the first
+  # step (1-based) that did not. Accumulated on the device, so the host reads it only every
+  # `log_every` steps and before each save, and never saves a state that went bad.
+  first_bad_step: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
   def variables(self) -> dict:
     return {"params": self.params, "batch_stats": self.batch_stats}

@@ -13,6 +13,7 @@ function runs on one device unchanged.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from medgen_jax import augment, losses
@@ -45,28 +46,50 @@ def make_loss_fn(model, loss_config, *, num_classes: int, axis_name: str | None 
 
 
 def finish_step(state: TrainState, tx, grads, metrics, batch_stats, *, axis_name, bn_sync,
-                metric_tx=None, metric_grads=None):
-  """Shared tail of every method's step: average over devices, apply the optimizer(s)."""
+                metric_tx=None, metric_grads=None, task_tx=None, task_grads=None):
+  """Shared tail of every method's step: average over devices, apply the optimizer(s).
+
+  `tx` applies `grads`; with `task_tx`, a second optimizer (state `task_opt_state`) applies
+  `task_grads` to the same parameters and the two updates are summed, as when TF ran two train
+  ops in one `session.run` (MASF/SAML as released). `metric_tx` updates the metric network.
+  The step also records in `first_bad_step` the first step whose loss, gradient norm or new
+  parameters are not finite (the trainer's divergence guard; nothing is skipped here).
+  """
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
     if metric_grads is not None:
       metric_grads = jax.lax.pmean(metric_grads, axis_name)
+    if task_grads is not None:
+      task_grads = jax.lax.pmean(task_grads, axis_name)
     if not bn_sync:  # keep the replicated state identical: average per-device statistics
       batch_stats = jax.lax.pmean(batch_stats, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new = state.replace(opt_state=opt_state)
+  grad_norm = optax.tree.norm(grads)
+  if task_tx is not None:
+    task_updates, task_opt_state = task_tx.update(task_grads, state.task_opt_state, state.params)
+    updates = jax.tree.map(lambda a, b: a + b, updates, task_updates)
+    new = new.replace(task_opt_state=task_opt_state)
+    metrics = dict(metrics, task_grad_norm=optax.tree.norm(task_grads))
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+  metrics = dict(metrics, grad_norm=grad_norm)
   dice = metrics.pop("dice", None)
   if dice is not None:
     metrics.update({f"dice_{c}": dice[c] for c in range(dice.shape[0])})
-  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  new = new.replace(step=state.step + 1, params=params, batch_stats=batch_stats)
+  checked = [metrics["loss"], grad_norm, optax.tree.norm(params)]
   if metric_grads is not None:
     metric_updates, metric_opt_state = metric_tx.update(metric_grads, state.metric_opt_state,
                                                         state.metric_params)
-    new = new.replace(metric_params=optax.apply_updates(state.metric_params, metric_updates),
-                      metric_opt_state=metric_opt_state)
-  return new, metrics
+    metric_params = optax.apply_updates(state.metric_params, metric_updates)
+    new = new.replace(metric_params=metric_params, metric_opt_state=metric_opt_state)
+    checked.append(optax.tree.norm(metric_params))
+  if task_grads is not None:
+    checked.append(metrics["task_grad_norm"])
+  finite = jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(v, jnp.float32) for v in checked])))
+  first_bad = jnp.where((state.first_bad_step == 0) & ~finite, state.step + 1, state.first_bad_step)
+  return new.replace(first_bad_step=first_bad.astype(jnp.int32)), metrics
 
 
 def make_train_step(model, tx: optax.GradientTransformation, config, *, num_classes: int,
