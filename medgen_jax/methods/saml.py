@@ -108,7 +108,7 @@ def region_embeddings(features, labels):
 
 
 def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,
-                    bn_sync: bool = True, metric_model=None, metric_tx=None):
+                    bn_sync: bool = True, metric_model=None, metric_tx=None, task_tx=None):
   c = config.saml
 
   def outer(adapted, phi, episode):
