@@ -173,3 +173,93 @@ def test_skip_bad_cases_still_fails_on_missing_site_or_site_without_cases(datase
     warnings.simplefilter("ignore", DataWarning)
     with pytest.raises(DataError, match="no usable case"):
       load_dataset(dataset, skip_bad_cases=True)
+
+
+@pytest.mark.parametrize("remap, words", [
+    ({"-1": 0}, ['entry "-1": 0', "invalid key"]),        # would overwrite the LUT's last entry
+    ({"1.5": 1}, ['entry "1.5": 1', "invalid key"]),
+    ({"x": 1}, ['entry "x": 1', "invalid key"]),
+    ({"3": 1.5}, ['entry "3": 1.5', "invalid value"]),     # int() would truncate it to 1
+    ({"3": -1}, ['entry "3": -1', "invalid value"]),
+    ({"3": "one"}, ['entry "3": "one"', "invalid value"]),
+    ({"3": True}, ['entry "3": true', "invalid value"]),
+    ({"70000": 1}, ['entry "70000": 1', "above 65535"]),
+])
+def test_label_remap_entries_must_be_non_negative_integers(dataset, capsys, remap, words):
+  path = dataset / "dataset.json"
+  meta = json.loads(path.read_text())
+  path.write_text(json.dumps({**meta, "label_remap": remap}))
+  with pytest.raises(DataError) as err:
+    load_dataset(dataset)
+  (line,) = str(err.value).splitlines()
+  assert line.startswith(f"{path}: ") and '"label_remap"' in line and "Fix:" in line
+  assert all(w in line for w in words), line
+  assert check.main([str(dataset)]) == 1
+  assert str(path) in capsys.readouterr().err
+
+
+def test_label_remap_accepts_digit_strings(dataset):
+  path = dataset / "dataset.json"
+  path.write_text(json.dumps({"labels": {"0": "background", "1": "a", "2": "b"}, "label_remap": {"3": "2"}}))
+  info, _ = load_dataset(dataset)
+  assert info.label_remap == {3: 2}
+
+
+@pytest.mark.parametrize("labels", [{"0": "background", "-1": "x"}, {"0": "background", "1.0": "x"},
+                                    {"0": "background", "1": 7}])
+def test_labels_entries_must_be_non_negative_integer_keys_and_names(dataset, labels):
+  (dataset / "dataset.json").write_text(json.dumps({"labels": labels}))
+  with pytest.raises(DataError, match=r'dataset.json: "labels" entry .* is invalid.*Fix:'):
+    load_dataset(dataset)
+
+
+def stored_gzip_nifti(path, data):
+  """A .nii.gz with stored (uncompressed) deflate blocks: payload bytes appear verbatim, so a
+  flipped byte still decompresses and only the CRC-32 in the gzip trailer can tell."""
+  import nibabel as nib
+  path.write_bytes(gzip.compress(nib.Nifti1Image(data, AFFINE).to_bytes(), compresslevel=0, mtime=0))
+  return path
+
+
+def flip(path, offset, bit=0x10):
+  raw = bytearray(path.read_bytes())
+  raw[offset] ^= bit
+  path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("where, offset", [("payload", -9), ("crc trailer", -8), ("isize trailer", -3)])
+def test_bit_flipped_gzip_is_detected(tmp_path, where, offset):
+  import nibabel as nib
+  from medgen_jax.data.nifti import load_nifti
+  data = np.arange(12 * 10 * 6, dtype=np.float32).reshape(12, 10, 6)
+  path = stored_gzip_nifti(tmp_path / "x.nii.gz", data)
+  np.testing.assert_array_equal(load_nifti(path).data, data)
+  flip(path, offset)
+  # nibabel alone loads it without complaint: it never reads the gzip trailer.
+  old = np.asanyarray(nib.load(str(path)).dataobj)
+  assert old.shape == data.shape
+  if where == "payload":
+    assert (old != data).sum() == 1  # one voxel silently wrong
+  with pytest.raises(DataError) as err:
+    load_nifti(path)
+  (line,) = str(err.value).splitlines()
+  assert line.startswith(f"{path}: corrupt compressed data: gzip integrity check failed") and "Fix: re-copy" in line
+
+
+def test_bit_flipped_case_is_reported_by_loader_and_checker(dataset, capsys):
+  bad = dataset / "B" / "case0_image.nii.gz"
+  import nibabel as nib
+  stored_gzip_nifti(bad, np.asanyarray(nib.load(str(bad)).dataobj))
+  assert check.main([str(dataset)]) == 0
+  capsys.readouterr()
+  flip(bad, -20)
+  assert_reported(dataset, bad, ["gzip integrity check failed"], capsys=capsys)
+
+
+def test_truncated_or_non_gzip_stream(dataset, capsys):
+  bad = dataset / "A" / "case1_label.nii.gz"
+  raw = bad.read_bytes()
+  bad.write_bytes(raw[: len(raw) // 2])  # the copy stopped half-way
+  assert_reported(dataset, bad, ["truncated or corrupt compressed data"], capsys=capsys)
+  bad.write_bytes(gzip.decompress(raw))  # plain .nii content under a .gz name
+  assert_reported(dataset, bad, ["not gzip-compressed"], capsys=capsys)

@@ -72,3 +72,42 @@ def test_factory_names_options_and_round_trip():
   assert again == norm
   with pytest.raises(RuntimeError, match="before fit"):
     make_normalizer("histogram")(np.ones(3))
+
+
+@pytest.mark.parametrize("name", ["none", "whitening", "scaled", "histogram"])
+def test_every_normalization_builds_from_the_default_config(name):
+  from medgen_jax.config import base_config
+  from medgen_jax.data.pipeline import make_normalizer_from_config
+  config = base_config()
+  config.data.normalization.name = name
+  norm = make_normalizer_from_config(config.data.normalization)
+  assert norm == Normalizer(name=name)
+  x = np.random.default_rng(0).gamma(2.0, 30.0, size=(6, 5, 4))
+  if name == "none":
+    out = norm.fit([x])(x)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, x.astype(np.float32))
+
+
+def test_default_valued_options_are_accepted_other_unused_options_rejected():
+  from medgen_jax.config import base_config
+  from medgen_jax.data.normalize import NYUL_PERCENTILES
+  from medgen_jax.data.pipeline import make_normalizer_from_config
+  defaults = dict(foreground="none", clip_percentiles=[0, 100], percentiles=NYUL_PERCENTILES,
+                  standard_range=(0, 1))
+  for name in ("none", "whitening", "scaled", "histogram"):
+    assert make_normalizer(name, **defaults) == Normalizer(name=name)
+  with pytest.raises(DataError, match=r"data.normalization.foreground: option not used by 'none' "
+                                      r"\(value 'otsu'\).*Fix: 'none' takes no options"):
+    make_normalizer("none", foreground="otsu")
+  with pytest.raises(DataError, match="clip_percentiles.*not used by 'histogram'"):
+    make_normalizer("histogram", clip_percentiles=(1, 99))
+  with pytest.raises(DataError, match="standard_range.*not used by 'scaled'"):
+    make_normalizer("scaled", standard_range=(0, 100))
+  with pytest.raises(DataError, match=r"data.normalization.clip_percentiles: 'ab' is not a list of numbers"):
+    make_normalizer("scaled", clip_percentiles="ab")
+  config = base_config()
+  config.data.normalization.name = "none"
+  config.data.normalization.foreground = "nonzero"
+  with pytest.raises(DataError, match="foreground.*not used by 'none'"):
+    make_normalizer_from_config(config.data.normalization)

@@ -1,6 +1,14 @@
 """Validates a dataset folder before any training touches it.
 
-    python -m medgen_jax.data.check ROOT [--layout auto|prostate6|sites] [--sites A,B]
+    python -m medgen_jax.data.check ROOT [--layout auto|prostate6|sites|msd] [--sites A,B]
+        [--channel K] [--site-csv FILE | --site-pattern REGEX]
+
+For the `msd` layout (Medical Segmentation Decathlon / nnU-Net raw folder: imagesTr/, labelsTr/,
+dataset.json) the site of each case comes from --site-csv (columns case,site) or --site-pattern
+(a regular expression with a named group `site`, searched in the case id), e.g.
+
+    python -m medgen_jax.data.check data/Task05_Prostate --channel 0 --site-csv sites.csv
+    python -m medgen_jax.data.check data/Dataset042_Sites --site-pattern '^(?P<site>[A-Z]+)_'
 
 Exit 0 with a per-site summary table (cases, shapes, spacing range, intensity range, label voxel
 counts), or exit 1 with one line per problem, each naming the file and the fix. The loader
@@ -54,12 +62,17 @@ def main(argv=None) -> int:
   parser.add_argument("root")
   parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
   parser.add_argument("--sites", default="", help="comma-separated subset of sites (default: all folders)")
-  parser.add_argument("--channel", type=int, default=None, help="channel to use from 4-D images")
+  parser.add_argument("--channel", type=int, default=None,
+                      help="channel to use from 4-D images (msd: also the nnU-Net _000K file)")
+  parser.add_argument("--site-csv", default="", help="msd layout: CSV with columns case,site")
+  parser.add_argument("--site-pattern", default="",
+                      help="msd layout: regular expression with a named group 'site', searched in the case id")
   args = parser.parse_args(argv)
   sites = [s for s in args.sites.split(",") if s] or None
   try:
     info, cases_by_site, problems = inspect_dataset(args.root, layout=args.layout, sites=sites,
-                                                    channel=args.channel)
+                                                    channel=args.channel, site_csv=args.site_csv,
+                                                    site_pattern=args.site_pattern)
   except DataError as e:
     problems = e.problems
   if problems:

@@ -103,9 +103,14 @@ def inspect_case(files: CaseFiles, info: DatasetInfo, *, channel: int | None = N
               str(files.image), str(files.label)), []
 
 
-def inspect_dataset(root, *, layout="auto", sites=None, channel=None):
-  """Checks a dataset folder. Returns (info, {site: [Case]}, problems) without raising."""
-  info, files_by_site, problems = discover(root, layout=layout, sites=sites)
+def inspect_dataset(root, *, layout="auto", sites=None, channel=None, site_csv="", site_pattern=""):
+  """Checks a dataset folder. Returns (info, {site: [Case]}, problems).
+
+  Raises DataError only where `discover` does (nothing discoverable). `site_csv`/`site_pattern`
+  give the sites of the `msd` layout (see msd.py).
+  """
+  info, files_by_site, problems = discover(root, layout=layout, sites=sites, channel=channel,
+                                           site_csv=site_csv, site_pattern=site_pattern)
   cases_by_site: dict[str, list[Case]] = {}
   for site, files in files_by_site.items():
     cases_by_site[site] = []
@@ -117,15 +122,16 @@ def inspect_dataset(root, *, layout="auto", sites=None, channel=None):
   return info, cases_by_site, problems
 
 
-def load_dataset(root, *, layout="auto", sites=None, channel=None, skip_bad_cases=False
-                 ) -> tuple[DatasetInfo, dict[str, list[Case]]]:
+def load_dataset(root, *, layout="auto", sites=None, channel=None, skip_bad_cases=False,
+                 site_csv="", site_pattern="") -> tuple[DatasetInfo, dict[str, list[Case]]]:
   """Loads every case of the selected sites.
 
   Raises DataError listing every problem, or with `skip_bad_cases=True` warns (DataWarning)
   with each skipped file and goes on. A requested site that is missing, or left with no usable
   case, is always an error: silently training without a hospital is never what was meant.
   """
-  info, cases_by_site, problems = inspect_dataset(root, layout=layout, sites=sites, channel=channel)
+  info, cases_by_site, problems = inspect_dataset(root, layout=layout, sites=sites, channel=channel,
+                                                  site_csv=site_csv, site_pattern=site_pattern)
   missing_site = sites is not None and any(s not in cases_by_site for s in sites)
   if problems:
     if not skip_bad_cases or missing_site:

@@ -166,8 +166,17 @@ _OPTIONS = {
 }
 
 
+_SEQUENCE_OPTIONS = ("clip_percentiles", "percentiles", "standard_range")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Normalizer) if f.name in
+             {o for opts in _OPTIONS.values() for o in opts}}
+
+
 def make_normalizer(name: str, **options) -> Normalizer:
-  """The normalization factory. Options not used by `name` (or set to None) are rejected/ignored.
+  """The normalization factory.
+
+  An option set to None or to its default value (e.g. the config's `foreground='none'`) is
+  ignored, so one config block serves every normalizer; an option with any other value that
+  `name` does not use is rejected (it would be silently ignored otherwise).
 
   Example: `make_normalizer('scaled', clip_percentiles=(0.5, 99.5))`.
   """
@@ -175,14 +184,21 @@ def make_normalizer(name: str, **options) -> Normalizer:
     raise DataError.single(f"data.normalization.name={name!r}", "unknown normalization",
                            f"use one of {', '.join(NORMALIZERS)}")
   options = {k: v for k, v in options.items() if v is not None}
+  for key in _SEQUENCE_OPTIONS:
+    if key in options:
+      try:
+        options[key] = tuple(float(v) for v in options[key])
+      except (TypeError, ValueError):
+        raise DataError.single(f"data.normalization.{key}", f"{options[key]!r} is not a list of numbers",
+                               f"write numbers, e.g. {key}={_DEFAULTS[key]}") from None
+  options = {k: v for k, v in options.items() if not (k in _DEFAULTS and v == _DEFAULTS[k])}
   unknown = sorted(set(options) - _OPTIONS[name])
   if unknown:
-    raise DataError.single(f"data.normalization.{unknown[0]}", f"option not used by {name!r}",
-                           f"{name!r} takes {sorted(_OPTIONS[name]) or 'no options'}")
+    raise DataError.single(f"data.normalization.{unknown[0]}",
+                           f"option not used by {name!r} (value {options[unknown[0]]!r})",
+                           f"{name!r} takes {sorted(_OPTIONS[name]) or 'no options'}; "
+                           f"unset {unknown[0]} or choose a normalization that uses it")
   if options.get("foreground", "none") not in FOREGROUNDS:
     raise DataError.single("data.normalization.foreground", f"unknown value {options['foreground']!r}",
                            f"use one of {', '.join(FOREGROUNDS)}")
-  for key in ("clip_percentiles", "percentiles", "standard_range"):
-    if key in options:
-      options[key] = tuple(float(v) for v in options[key])
   return Normalizer(name=name, **options)

@@ -1,28 +1,37 @@
 """From a data config to validated, normalized, domain-labelled slice batches.
 
-`prepare_data(config.data, workdir=...)`:
-1. generates the embedded brain-sites benchmark if `root` is missing and `synthesize.if_missing`;
+`prepare_data(config.data, run_dir=...)`:
+1. generates the embedded brain-sites benchmark if `root` is missing and `synthesize.if_missing`
+   (process 0 only; the other processes wait for it);
 2. loads and validates every case of the source and held-out sites (`load_dataset`);
-3. reads the split file, or makes one (`make_splits`) and saves it in the workdir;
+3. reads the split: the run's own `run_dir/splits.json` when resuming a run (the data must still
+   hold exactly its cases, else a DataError says what changed), else `split_file`, else makes
+   one (`make_splits`);
 4. fits the normalizer on the *training cases of the source sites only* (histogram landmarks
-   never see a validation, test or held-out volume);
-5. builds the training slice cache. Validation/test volumes stay whole for 3-D evaluation.
+   never see a validation, test or held-out volume), or, when resuming, reads the run's
+   `run_dir/normalizer.json` instead of refitting;
+5. builds the training slice cache (unless `build_train=False`, for evaluation and prediction).
+   Validation/test volumes stay whole for 3-D evaluation.
+
+Nothing here writes files: the trainer saves splits.json and normalizer.json once a run starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import ml_collections
 
+from medgen_jax import parallel
 from medgen_jax.data.errors import DataError
 from medgen_jax.data.layouts import DatasetInfo
 from medgen_jax.data.loading import Case, load_dataset
 from medgen_jax.data.normalize import Normalizer, make_normalizer
 from medgen_jax.data.sampler import SliceCache, build_slice_cache
-from medgen_jax.data.splits import (check_splits_match_cases, load_splits, make_splits,
-                                    protocol_cases, save_splits)
+from medgen_jax.data.splits import (check_splits_cover_cases, check_splits_match_cases, load_splits,
+                                    make_splits, protocol_cases)
 from medgen_jax.data.synthesize import ensure_brain_sites
 
 
@@ -30,7 +39,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   """The `config.data` block every experiment config starts from (brain-sites defaults)."""
   c = ml_collections.ConfigDict()
   c.root = "data/brain-sites"
-  c.layout = "auto"            # auto | prostate6 | sites
+  c.layout = "auto"            # auto | prostate6 | sites | msd (MSD / nnU-Net imagesTr+labelsTr+dataset.json)
+  c.msd = ml_collections.ConfigDict({  # msd layout: where each case's site comes from (set one)
+      "site_csv": "",          # CSV with columns case,site
+      "site_pattern": ""})     # regex with a named group 'site' searched in the case id
   c.sites = ()                 # source sites; () = every site folder not held out
   c.held_out = ()              # test-only sites (leave-one-site-out)
   c.channel = -1               # channel of 4-D images; -1 = images must be 3-D
@@ -62,7 +74,7 @@ class PreparedData:
   splits: dict
   protocol: dict[str, dict[str, list[str]]]   # split -> site -> case ids
   normalizer: Normalizer
-  train: SliceCache
+  train: SliceCache | None                   # None when built without the training cache
   cases: dict[str, dict[str, list[Case]]]    # split -> site -> whole volumes
 
   @property
@@ -75,18 +87,38 @@ def make_normalizer_from_config(norm: ml_collections.ConfigDict) -> Normalizer:
   return make_normalizer(norm.name, **options)
 
 
-def prepare_data(config: ml_collections.ConfigDict, *, workdir: str | Path | None = None,
-                 progress=print) -> PreparedData:
+def load_run_normalizer(path: Path, config_normalization: ml_collections.ConfigDict) -> Normalizer:
+  """The normalizer a run fitted (`normalizer.json`), checked against the config's settings."""
+  try:
+    saved = Normalizer.from_dict(json.loads(path.read_text()))
+  except (OSError, ValueError, TypeError) as e:
+    raise DataError.single(path, f"is not a readable normalizer file ({type(e).__name__}: {e})",
+                           "restore it from a backup, or train again in a new --workdir") from None
+  expected = make_normalizer_from_config(config_normalization)
+  if dataclasses.replace(saved, landmarks=None) != expected:
+    raise DataError.single(path, f"holds {saved.name!r} normalization with other options than the "
+                           f"config's data.normalization ({expected})",
+                           "use the run's own config, or train again in a new --workdir")
+  return saved
+
+
+def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | None = None,
+                 build_train: bool = True, progress=print) -> PreparedData:
+  """See the module docstring. `run_dir`: a run folder whose splits.json / normalizer.json,
+  when present, are reused instead of recomputed."""
   root = Path(config.root)
-  if not root.exists() and config.synthesize.if_missing and root.name.startswith("brain-sites"):
+  if parallel.is_main_process() and not root.exists() and config.synthesize.if_missing \
+      and root.name.startswith("brain-sites"):
     ensure_brain_sites(root, sites=config.synthesize.sites,
                        cases_per_site=config.synthesize.cases_per_site,
                        seed=config.synthesize.seed, progress=progress)
+  parallel.barrier("medgen_jax.prepare_data:dataset")
   held_out = list(config.held_out)
   requested = list(config.sites) + [s for s in held_out if s not in config.sites] if config.sites else None
   info, cases_by_site = load_dataset(root, layout=config.layout, sites=requested,
                                      channel=None if config.channel < 0 else config.channel,
-                                     skip_bad_cases=config.skip_bad_cases)
+                                     skip_bad_cases=config.skip_bad_cases,
+                                     site_csv=config.msd.site_csv, site_pattern=config.msd.site_pattern)
   all_sites = sorted(cases_by_site)
   missing_held_out = [s for s in held_out if s not in cases_by_site]
   if missing_held_out:
@@ -99,14 +131,19 @@ def prepare_data(config: ml_collections.ConfigDict, *, workdir: str | Path | Non
   domain_ids = {s: i for i, s in enumerate(all_sites)}
   case_ids = {s: [c.case_id for c in cases] for s, cases in cases_by_site.items()}
 
-  if config.split_file:
+  run_splits = Path(run_dir) / "splits.json" if run_dir is not None else None
+  if run_splits is not None and run_splits.is_file():
+    splits = load_splits(run_splits)
+    check_splits_cover_cases(splits, case_ids, source=str(run_splits))
+    if config.split_file and load_splits(config.split_file) != splits:
+      raise DataError.single(config.split_file, f"differs from the split this run started with ({run_splits})",
+                             "restore the split file, or train again in a new --workdir")
+  elif config.split_file:
     splits = load_splits(config.split_file)
     check_splits_match_cases(splits, case_ids, source=config.split_file)
   else:
     splits = make_splits(case_ids, val_fraction=config.split.val_fraction,
                          test_fraction=config.split.test_fraction, seed=config.split.seed)
-    if workdir is not None:
-      save_splits(Path(workdir) / "splits.json", splits, seed=config.split.seed)
   protocol = protocol_cases(splits, sources=sources, held_out=held_out)
   by_key = {c.key: c for cases in cases_by_site.values() for c in cases}
   cases = {name: {site: [by_key[f"{site}/{cid}"] for cid in ids] for site, ids in per_site.items()}
@@ -116,11 +153,17 @@ def prepare_data(config: ml_collections.ConfigDict, *, workdir: str | Path | Non
     raise DataError.single(f"sites {empty_train}", "have no training case",
                            "give them more cases or lower data.split.val_fraction/test_fraction")
 
-  normalizer = make_normalizer_from_config(config.normalization).fit(
-      [c.image for site in sources for c in cases["train"][site]])
-  train = build_slice_cache(cases["train"], normalizer=normalizer,
-                            in_plane_shape=tuple(config.in_plane_shape), domain_ids=domain_ids,
-                            in_plane_spacing=tuple(config.in_plane_spacing) or None,
-                            context_slices=config.context_slices, cache_dtype=config.cache_dtype,
-                            slices=config.slices, bias_correction=config.bias_correction)
+  run_normalizer = Path(run_dir) / "normalizer.json" if run_dir is not None else None
+  if run_normalizer is not None and run_normalizer.is_file():
+    normalizer = load_run_normalizer(run_normalizer, config.normalization)
+  else:
+    normalizer = make_normalizer_from_config(config.normalization).fit(
+        [c.image for site in sources for c in cases["train"][site]])
+  train = None
+  if build_train:
+    train = build_slice_cache(cases["train"], normalizer=normalizer,
+                              in_plane_shape=tuple(config.in_plane_shape), domain_ids=domain_ids,
+                              in_plane_spacing=tuple(config.in_plane_spacing) or None,
+                              context_slices=config.context_slices, cache_dtype=config.cache_dtype,
+                              slices=config.slices, bias_correction=config.bias_correction)
   return PreparedData(info, sources, held_out, domain_ids, splits, protocol, normalizer, train, cases)

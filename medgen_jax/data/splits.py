@@ -114,6 +114,24 @@ def check_splits_match_cases(splits: Splits, case_ids_by_site: Mapping[str, Sequ
     raise DataError(problems)
 
 
+def check_splits_cover_cases(splits: Splits, case_ids_by_site: Mapping[str, Sequence[str]], *,
+                             source: str) -> None:
+  """A run's own split must still describe the data exactly: every case of every loaded site
+  listed, and nothing listed that is gone. Used when a run resumes (or is evaluated), so that
+  cases added or removed since it started are refused instead of silently re-split."""
+  check_splits_match_cases(splits, case_ids_by_site, source=source)
+  problems = []
+  for site, ids in case_ids_by_site.items():
+    listed = {c for name in SPLIT_NAMES for c in splits.get(site, {}).get(name, [])}
+    added = sorted(set(ids) - listed)
+    if added:
+      problems.append(Problem(source, f"site {site!r} now holds case(s) {added} that this run's split "
+                              "does not list (the data changed since the run started)",
+                              "restore the dataset as it was, or train again in a new --workdir"))
+  if problems:
+    raise DataError(problems)
+
+
 def leave_one_site_out(sites: Sequence[str]) -> list[dict]:
   """[{'held_out': s, 'sources': [others]}] for each site s, in order."""
   return [{"held_out": s, "sources": [t for t in sites if t != s]} for s in sites]
