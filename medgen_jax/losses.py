@@ -16,6 +16,18 @@ pixels (batch-level, as in every original repository), per class c, C classes.
 * `l2_kernel_loss` = coefficient · Σ_kernels Σ w² / 2 (tf.nn.l2_loss; §1.7): an explicit loss term,
   not optax's decoupled weight decay, which is applied after Adam's normalization.
 
+Domain generalization (MASF, SAML) and multi-modal KD:
+
+* `class_alignment_loss` (§1.5): q_c = softmax(z̄_c / τ) of the class-wise mean logits of each
+  domain, L = (1/C) Σ_c [c present in both] · ½ (KL(q_c^a ‖ q_c^b) + KL(q_c^b ‖ q_c^a)). Classes
+  absent from either domain contribute 0 (still divided by C), in both variants; the KL is
+  computed from log_softmax, finite for any logit gap. 'masf_code' clips q to [1e-8, 1].
+* `semi_hard_triplet_loss` (§1.6): tf.contrib's triplet_semihard_loss, on SQUARED Euclidean
+  distances by default (`squared=False`: Euclidean), hinge summed over all positive pairs a ≠ p
+  and divided by their number; `valid` drops padding rows.
+* `contrastive_loss` (Hadsell): d² for same-label pairs, max(0, m − d)² otherwise, Euclidean d,
+  mean over valid pairs.
+
 Data parallelism: with `axis_name`, batch-level sums run over the global batch (`global_sum`), so
 a step pmapped over N devices computes the same loss and, after averaging gradients over
 devices, the same gradient as one device on the whole batch.
@@ -114,9 +126,11 @@ def l2_kernel_loss(params, *, coefficient: float):
 
 
 def classwise_mean_logits(logits, onehot, *, eps: float = 1e-6, axis_name: str | None = None):
-  """z̄_c = Σ_i y_ic z_i / (Σ_i y_ic + ε): the mean logit vector of class-c pixels, [C, C]."""
-  z = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
-  y = onehot.reshape(-1, onehot.shape[-1]).astype(jnp.float32)
+  """z̄_c = Σ_i y_ic z_i / (Σ_i y_ic + ε): the mean logit vector of class-c pixels, [C, C].
+  Computed in float32 at least (bfloat16 logits are promoted; float64 stays float64)."""
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  z = logits.reshape(-1, logits.shape[-1]).astype(dtype)
+  y = onehot.reshape(-1, onehot.shape[-1]).astype(dtype)
   sums = global_sum(y.T @ z, axis_name)
   counts = global_sum(jnp.sum(y, axis=0), axis_name)
   return sums / (counts[:, None] + eps), counts
@@ -127,61 +141,83 @@ def class_alignment_loss(logits_a, onehot_a, logits_b, onehot_b, *, temperature:
   """Global class alignment (MASF; UMMKD's knowledge distillation), methods.md §1.5:
 
       q_c^(k) = softmax(z̄_c^(k) / τ),
-      L = (1/C) Σ_c ½ [KL(q_c^(a) ‖ q_c^(b)) + KL(q_c^(b) ‖ q_c^(a))]
+      L = (1/C) Σ_c [c present in a and b] · ½ [KL(q_c^(a) ‖ q_c^(b)) + KL(q_c^(b) ‖ q_c^(a))]
 
-  variant 'talk': every class, ε = 1e-6, no clipping (the talk's formula, UMMKD code).
-  variant 'masf_code': ε = 1e-16, q clipped to [1e-8, 1], each class's term multiplied by
-  "class present in both batches", still divided by C (biomedia-mira/masf utils.kd).
+  A class absent from either batch contributes exactly 0 (its z̄_c = 0 would be a uniform q_c that
+  the KL pulls the other domain towards) and the sum is still divided by C, all classes, as the
+  talk's (1/C) Σ_c and the released code's `kd_loss / n_class`.
+  variant 'talk': ε = 1e-6 in z̄_c, no clipping of q (UMMKD's code has the same ε and no mask;
+  the mask is ours there).
+  variant 'masf_code': ε = 1e-16, q clipped to [1e-8, 1] (biomedia-mira/masf utils.kd, whose
+  `bool_indicator` is the same presence mask).
+  Both compute log q with log_softmax, KL = Σ q (log q − log q'), so that class-mean logit gaps of
+  any size give a finite loss and gradient (softmax then log underflows to q = 0 from gaps of
+  ≈ 100 τ in float32, ≈ 200 at τ = 2: log(q/0) = inf, 0 · log(0/0) = NaN); 'masf_code' clips
+  log q to [log 1e-8, 0], which is log clip(q, 1e-8, 1).
   """
   if variant not in ("talk", "masf_code"):
     raise ValueError(f"unknown alignment variant {variant!r}: talk | masf_code")
   eps = 1e-6 if variant == "talk" else 1e-16
   zbar_a, count_a = classwise_mean_logits(logits_a, onehot_a, eps=eps, axis_name=axis_name)
   zbar_b, count_b = classwise_mean_logits(logits_b, onehot_b, eps=eps, axis_name=axis_name)
-  q_a = jax.nn.softmax(zbar_a / temperature, axis=-1)
-  q_b = jax.nn.softmax(zbar_b / temperature, axis=-1)
+  log_q_a = jax.nn.log_softmax(zbar_a / temperature, axis=-1)
+  log_q_b = jax.nn.log_softmax(zbar_b / temperature, axis=-1)
   if variant == "masf_code":
-    q_a, q_b = jnp.clip(q_a, 1e-8, 1.0), jnp.clip(q_b, 1e-8, 1.0)
-  kl_ab = jnp.sum(q_a * jnp.log(q_a / q_b), axis=-1)
-  kl_ba = jnp.sum(q_b * jnp.log(q_b / q_a), axis=-1)
-  per_class = 0.5 * (kl_ab + kl_ba)
-  if variant == "masf_code":
-    per_class = per_class * ((count_a > 0) & (count_b > 0))
+    floor = jnp.log(jnp.asarray(1e-8, log_q_a.dtype))
+    log_q_a, log_q_b = jnp.clip(log_q_a, floor, 0.0), jnp.clip(log_q_b, floor, 0.0)
+  q_a, q_b = jnp.exp(log_q_a), jnp.exp(log_q_b)
+  kl_ab = jnp.sum(q_a * (log_q_a - log_q_b), axis=-1)
+  kl_ba = jnp.sum(q_b * (log_q_b - log_q_a), axis=-1)
+  present = (count_a > 0) & (count_b > 0)
+  per_class = jnp.where(present, 0.5 * (kl_ab + kl_ba), 0.0)
   return jnp.sum(per_class) / per_class.shape[0]
 
 
-def pairwise_distances(embeddings):
-  """Euclidean distances [N, N] with a zero-safe square root (finite gradients at d = 0)."""
+def pairwise_distances(embeddings, *, squared: bool = False):
+  """Pairwise distances [N, N]: squared Euclidean ‖x_i − x_j‖², or Euclidean with a zero-safe
+  square root (finite gradients at d = 0). Computed from the differences, not from
+  ‖x‖² + ‖y‖² − 2x·y, so there is no cancellation and d(i, i) = 0 exactly."""
   diff = embeddings[:, None, :] - embeddings[None, :, :]
-  squared = jnp.sum(diff * diff, axis=-1)
-  positive = squared > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+  squared_distances = jnp.sum(diff * diff, axis=-1)
+  if squared:
+    return squared_distances
+  positive = squared_distances > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared_distances, 1.0)), 0.0)
 
 
-def semi_hard_triplet_loss(embeddings, labels, *, margin: float, valid=None):
-  """Semi-hard triplet loss (Schroff et al., CVPR 2015), as tf.contrib's triplet_semihard_loss:
+def semi_hard_triplet_loss(embeddings, labels, *, margin: float, valid=None, squared: bool = True):
+  """Semi-hard triplet loss (Schroff et al., CVPR 2015) as tf.contrib's
+  `metric_learning.triplet_semihard_loss` (MASF, SAML; methods.md §1.6), on the `valid` rows:
 
-  Euclidean distances; for every anchor–positive pair (a, p) the negative n with the smallest
-  d(a, n) > d(a, p), or, if none, the negative with the largest d(a, n);
-  L = mean over positive pairs of max(d(a, p) − d(a, n) + margin, 0). Anchors without a positive
-  or without a negative contribute nothing; `valid` [N] masks out padding rows.
+  d = pairwise distances, SQUARED Euclidean by default as tf.contrib's
+  `pairwise_distance(embeddings, squared=True)` (`squared=False`: Euclidean). For every positive
+  pair (a, p), a ≠ p, same label, the negative distance is
+      d(a, n*) = min { d(a, n) : n negative, d(a, n) > d(a, p) }   (`negatives_outside`), or, if
+                 that set is empty, max over the negatives n of d(a, n)  (`negatives_inside`);
+      L = Σ_(a,p) max(margin + d(a, p) − d(a, n*), 0) / (number of positive pairs).
+  As in TF, `negatives_inside` is `masked_maximum`: max_n (d(a, n) − min_k d(a, k)) · [n negative]
+  + min_k d(a, k). For an anchor without any negative (only when all valid rows share one label)
+  that is min_k d(a, k) = d(a, a) = 0, so each such pair costs margin + d(a, p), and it counts in
+  the denominator, which is every positive pair. We follow TF there. Deviations: no positive pair
+  gives 0, not TF's 0/0 = NaN; `valid` [N] (default all) drops padding rows, i.e. the loss is TF's
+  on embeddings[valid], labels[valid]. An anchor without a positive contributes nothing.
   """
   n = embeddings.shape[0]
   valid = jnp.ones(n, bool) if valid is None else valid.astype(bool)
-  d = pairwise_distances(embeddings)
+  d = pairwise_distances(embeddings, squared=squared)
   both = valid[:, None] & valid[None, :]
   same = (labels[:, None] == labels[None, :]) & both
-  positive = same & ~jnp.eye(n, dtype=bool)
-  negative = ~same & both
-  d_ap = d[:, :, None]                                   # [a, p, 1]
-  d_an = d[:, None, :]                                   # [a, 1, n]
-  harder = negative[:, None, :] & (d_an > d_ap)          # [a, p, n]
-  outside = jnp.min(jnp.where(harder, d_an, jnp.inf), axis=-1)
-  inside = jnp.max(jnp.where(negative[:, None, :], d_an, -jnp.inf), axis=-1)
-  chosen = jnp.where(jnp.any(harder, axis=-1), outside, inside)
-  pairs = positive & jnp.any(negative, axis=-1)[:, None]
-  per_pair = jnp.maximum(d - jnp.where(pairs, chosen, 0.0) + margin, 0.0)
-  return jnp.sum(jnp.where(pairs, per_pair, 0.0)) / jnp.maximum(jnp.sum(pairs), 1)
+  positive = same & ~jnp.eye(n, dtype=bool)                    # TF's mask_positives
+  negative = ~same & both                                       # TF's adjacency_not
+  d_ap = d[:, :, None]                                          # [a, p, 1]
+  d_an = d[:, None, :]                                          # [a, 1, n]
+  harder = negative[:, None, :] & (d_an > d_ap)                 # [a, p, n], TF's mask
+  row_max = jnp.max(jnp.where(both, d, 0.0), axis=-1)[:, None, None]
+  outside = jnp.min(jnp.where(harder, d_an, row_max), axis=-1)  # masked_minimum
+  inside = jnp.max(jnp.where(negative, d, 0.0), axis=-1)        # masked_maximum; row min d(a,a) = 0
+  chosen = jnp.where(jnp.any(harder, axis=-1), outside, inside[:, None])
+  per_pair = jnp.maximum(margin + d - chosen, 0.0)
+  return jnp.sum(jnp.where(positive, per_pair, 0.0)) / jnp.maximum(jnp.sum(positive), 1)
 
 
 def contrastive_loss(embeddings, labels, *, margin: float, valid=None):

@@ -1,5 +1,7 @@
 """Losses against numpy, and the Dice gradient against finite differences."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,18 +44,45 @@ def test_perfect_prediction_has_zero_dice_loss(example):
   assert abs(float(loss)) < 1e-6
 
 
-def test_weighted_cross_entropy_matches_numpy_with_clip(example):
-  _, _, probs, onehot = example
+def loop_weighted_cross_entropy(probs, labels, num_classes, class_weights="batch", clip=0.005):
+  """methods.md §1.2 pixel by pixel: w_c = 1 − (pixels of class c) / (all pixels),
+  CE = (1/N) Σ_pixels −w_y log(max(p_y, clip)) for the pixel's label y (g is one-hot)."""
+  flat_labels = [int(v) for v in np.asarray(labels).reshape(-1)]
+  flat_probs = np.asarray(probs, np.float64).reshape(len(flat_labels), num_classes)
+  if class_weights == "batch":
+    weights = [1.0 - flat_labels.count(c) / len(flat_labels) for c in range(num_classes)]
+  elif class_weights == "none":
+    weights = [1.0] * num_classes
+  else:
+    weights = list(class_weights)
+  total = 0.0
+  for pixel, y in enumerate(flat_labels):
+    total += -weights[y] * math.log(min(max(flat_probs[pixel, y], clip), 1.0))
+  return total / len(flat_labels)
+
+
+def test_weighted_cross_entropy_hand_computed():
+  # 4 pixels, labels 0, 0, 0, 1: w_0 = 1 − 3/4, w_1 = 1 − 1/4. Pixel 1's p_0 = 0.001 is clipped.
+  probs = np.array([[0.5, 0.5], [0.001, 0.999], [1.0, 0.0], [0.8, 0.2]], np.float32).reshape(1, 2, 2, 2)
+  onehot = np.eye(2)[np.array([0, 0, 0, 1])].reshape(1, 2, 2, 2)
+  expected = (0.25 * -math.log(0.5) + 0.25 * -math.log(0.005) + 0.0 + 0.75 * -math.log(0.2)) / 4
+  got = losses.weighted_cross_entropy(jnp.asarray(probs), jnp.asarray(onehot, jnp.float32), clip=0.005)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert -math.log(0.005) == pytest.approx(5.298, abs=1e-3)  # the per-pixel bound
+
+
+@pytest.mark.parametrize("class_weights", ["batch", "none", [0.1, 2.0, 0.0, 1.0]])
+def test_weighted_cross_entropy_matches_a_pixel_loop(example, class_weights):
+  _, labels, probs, onehot = example
   probs = probs.copy()
   probs[0, 0, 0] = [0.001, 0.001, 0.001, 0.997]  # below the 0.005 clip
-  w = 1 - onehot.sum(axis=(0, 1, 2)) / onehot[..., 0].size
-  expected = np.mean(-(w * onehot * np.log(np.clip(probs, 0.005, 1))).sum(-1))
-  got = losses.weighted_cross_entropy(jnp.asarray(probs), jnp.asarray(onehot), clip=0.005)
-  np.testing.assert_allclose(got, expected, rtol=1e-5)
-  unweighted = np.mean(-(onehot * np.log(np.clip(probs, 0.005, 1))).sum(-1))
-  np.testing.assert_allclose(losses.weighted_cross_entropy(jnp.asarray(probs), jnp.asarray(onehot),
-                                                           class_weights="none"), unweighted, rtol=1e-5)
-  assert -np.log(0.005) == pytest.approx(5.298, abs=1e-3)  # the per-pixel bound
+  probs[1, 2, 3] = [0.002, 0.004, 0.990, 0.004]
+  labels = labels.copy()
+  labels[0, 0, 0], labels[1, 2, 3] = 1, 0  # ... and those are the labelled classes
+  onehot = np.eye(4)[labels]
+  got = losses.weighted_cross_entropy(jnp.asarray(probs), jnp.asarray(onehot, jnp.float32),
+                                      class_weights=class_weights, clip=0.005)
+  np.testing.assert_allclose(got, loop_weighted_cross_entropy(probs, labels, 4, class_weights), rtol=1e-5)
 
 
 def test_segmentation_loss_is_the_weighted_sum(example):
