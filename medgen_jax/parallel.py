@@ -14,6 +14,8 @@ Each process feeds its local devices; only process 0 writes files (`is_main_proc
 from __future__ import annotations
 
 import os
+import queue
+import threading
 
 import jax
 import numpy as np
@@ -28,6 +30,14 @@ def initialize_distributed() -> None:
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (a no-op with one process): e.g. the
+  other processes wait here while process 0 writes a dataset or a split file they will read."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def local_device_count() -> int:
@@ -74,6 +84,8 @@ class DataParallel:
     self._step = jax.pmap(step_fn, axis_name=AXIS_NAME, in_axes=(0, 0, None),
                           donate_argnums=(0,) if donate else (), devices=self.devices)
     self._replicate = jax.pmap(lambda x: x, axis_name=AXIS_NAME, devices=self.devices)
+    mesh = jax.sharding.Mesh(np.asarray(self.devices), (AXIS_NAME,))
+    self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME))
 
   def replicate(self, tree):
     stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.num_devices,) + np.shape(x)),
@@ -85,7 +97,73 @@ class DataParallel:
     """The first device's copy, as host numpy arrays."""
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x[0])), tree)
 
+  def put(self, host_batch):
+    """Splits a host batch [B, ...] over the devices and starts copying it to them (the layout
+    the pmapped step takes, so the step does not copy it again)."""
+    return jax.device_put(shard_batch(host_batch, self.num_devices), self._sharding)
+
   def step(self, replicated_state, host_batch, key):
     """One step on a host batch [B, ...]; returns (replicated state, metrics from device 0)."""
     state, metrics = self._step(replicated_state, shard_batch(host_batch, self.num_devices), key)
     return state, jax.tree.map(lambda x: x[0], metrics)
+
+  def step_on_devices(self, replicated_state, device_batch, key):
+    """One step on a batch from `put`; returns (replicated state, replicated metrics). Nothing
+    is brought back to the host, so the host never waits for the device here."""
+    return self._step(replicated_state, device_batch, key)
+
+
+class Prefetcher:
+  """Builds the next `size` items in a background thread while the devices run the current
+  step: `make(i)` for i in `indices`, e.g. a host batch put on the devices. Iterating yields
+  them in order; an exception raised by `make` is re-raised by the iteration that would have
+  returned its item. `close()` stops the thread (also at the end of a `with` block)."""
+
+  def __init__(self, make, indices, *, size: int = 2):
+    self._make = make
+    self._indices = list(indices)
+    self._remaining = len(self._indices)
+    self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="medgen-prefetch", daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    for i in self._indices:
+      if self._stop.is_set():
+        return
+      try:
+        item = (True, self._make(i))
+      except BaseException as e:  # handed to the consumer, which re-raises it
+        item = (False, e)
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if not item[0]:
+        return
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if not self._remaining:
+      raise StopIteration
+    ok, value = self._queue.get()
+    self._remaining -= 1
+    if not ok:
+      self.close()
+      raise value
+    return value
+
+  def close(self):
+    self._stop.set()
+    self._thread.join(timeout=10)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

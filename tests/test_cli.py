@@ -26,3 +26,19 @@ def test_synthesize_cli_rejects_bad_arguments_without_writing(tmp_path, capsys):
   assert synthesize.main(["--out", str(tmp_path / "x"), "--sites", "9"]) == 2
   assert "--sites=9" in capsys.readouterr().err
   assert not (tmp_path / "x").exists()
+
+
+def test_preview_unwritable_output_is_one_line(tmp_path, capsys):
+  root = make_sites_dataset(tmp_path / "ds", sites=("A",), cases=1)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  assert preview.main([str(root), "--out", str(blocker / "p.png")]) == 1
+  err = capsys.readouterr().err
+  assert "cannot write the preview" in err and "Traceback" not in err
+
+
+def test_synthesize_unwritable_output_is_one_line(tmp_path, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  assert synthesize.main(["--out", str(blocker / "x"), "--cases-per-site", "1", "--sites", "1"]) == 1
+  assert "cannot write the dataset" in capsys.readouterr().err

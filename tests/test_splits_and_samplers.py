@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import make_sites_dataset
+from helpers import make_sites_dataset, toy_case, write_nii
 from medgen_jax import parallel
 from medgen_jax.data.errors import DataError
 from medgen_jax.data.normalize import nyul_fit
@@ -154,10 +154,10 @@ def test_prepare_data_fits_normalizer_on_training_cases_only(tmp_path):
   config.in_plane_shape = (16, 8)
   config.context_slices = 3
   config.normalization.name = "histogram"
-  data = prepare_data(config, workdir=tmp_path / "run", progress=None)
+  data = prepare_data(config, progress=None)
   assert data.sources == ["A", "B"] and data.held_out == ["C"]
   assert data.domain_ids == {"A": 0, "B": 1, "C": 2}
-  assert (tmp_path / "run" / "splits.json").is_file()
+  save_splits(tmp_path / "run" / "splits.json", data.splits)
   train_images = [c.image for s in ("A", "B") for c in data.cases["train"][s]]
   assert len(train_images) == 6  # 3 train cases per source site (5 cases, 20 % val, 20 % test)
   np.testing.assert_allclose(data.normalizer.landmarks, nyul_fit(train_images, standard_range=(0, 1)))
@@ -168,6 +168,40 @@ def test_prepare_data_fits_normalizer_on_training_cases_only(tmp_path):
   config.split_file = str(tmp_path / "run" / "splits.json")
   again = prepare_data(config, progress=None)
   assert again.protocol == data.protocol
+
+
+def test_resumed_run_reuses_its_split_and_normalizer_and_refuses_changed_data(tmp_path):
+  root = make_sites_dataset(tmp_path / "ds", sites=("A", "B", "C"), cases=5)
+  config = default_data_config()
+  config.root = str(root)
+  config.held_out = ("C",)
+  config.in_plane_shape = (16, 8)
+  config.normalization.name = "histogram"
+  run = tmp_path / "run"
+  first = prepare_data(config, progress=None, build_train=False)
+  # A split and landmarks that differ from what recomputing would give: resuming must keep them.
+  split = {site: {"train": [], "val": [], "test": []} for site in first.splits}
+  for site, by_split in first.splits.items():
+    ids = sorted(c for name in by_split for c in by_split[name])
+    split[site] = {"train": ids[:2], "val": ids[2:4], "test": ids[4:]}
+  save_splits(run / "splits.json", split)
+  landmarks = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
+  (run / "normalizer.json").write_text(json.dumps(dict(first.normalizer.to_dict(), landmarks=landmarks)))
+  resumed = prepare_data(config, run_dir=run, progress=None, build_train=False)
+  assert resumed.splits == split and resumed.splits != first.splits
+  assert list(resumed.normalizer.landmarks) == landmarks
+  # A case added to the data between the kill and the resume is refused, naming it.
+  image, label = toy_case(np.random.default_rng(9))
+  write_nii(root / "A" / "case9_image.nii.gz", image)
+  write_nii(root / "A" / "case9_label.nii.gz", label)
+  with pytest.raises(DataError, match=r"run/splits.json: site 'A' now holds case\(s\) \['case9'\]"):
+    prepare_data(config, run_dir=run, progress=None, build_train=False)
+  # Other normalization settings than the run's: refused too.
+  (root / "A" / "case9_image.nii.gz").unlink()
+  (root / "A" / "case9_label.nii.gz").unlink()
+  config.normalization.name = "whitening"
+  with pytest.raises(DataError, match="normalizer.json: holds 'histogram' normalization"):
+    prepare_data(config, run_dir=run, progress=None, build_train=False)
 
 
 def test_prepare_data_errors_name_the_key(tmp_path):

@@ -73,14 +73,22 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="preview.png")
   parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
   parser.add_argument("--case", type=int, default=0, help="index of the case shown per site")
+  parser.add_argument("--channel", type=int, default=None, help="channel to use from 4-D images")
+  parser.add_argument("--site-csv", default="", help="msd layout: CSV with columns case,site")
+  parser.add_argument("--site-pattern", default="", help="msd layout: regex with a named group 'site'")
   args = parser.parse_args(argv)
   try:
-    info, cases_by_site = load_dataset(args.root, layout=args.layout)
+    info, cases_by_site = load_dataset(args.root, layout=args.layout, channel=args.channel,
+                                       site_csv=args.site_csv, site_pattern=args.site_pattern)
+    out = draw_preview(cases_by_site, info, args.out, case_index=args.case,
+                       root_name=Path(args.root).name)
   except DataError as e:
     print(e, file=sys.stderr)
     return 1
-  out = draw_preview(cases_by_site, info, args.out, case_index=args.case,
-                     root_name=Path(args.root).name)
+  except OSError as e:  # the PNG could not be written (no such folder, disk full, ...)
+    print(f"{args.out}: cannot write the preview ({e.strerror or e}). Fix: choose a writable --out path",
+          file=sys.stderr)
+    return 1
   print(f"wrote {out}")
   return 0
 

@@ -123,6 +123,10 @@ def main(argv=None) -> int:
   except DataError as e:
     print(e, file=sys.stderr)
     return 2
+  except OSError as e:  # disk full, no permission: the partial folder is left under a hidden name
+    print(f"{args.out}: cannot write the dataset ({e.strerror or e}). Fix: free space or choose a "
+          "writable --out folder", file=sys.stderr)
+    return 1
   print(f"wrote {out}")
   return 0
 
