@@ -4,7 +4,10 @@ Input: per-volume records `{'method', 'site', 'case', 'role', 'dice': [per class
 'hd95': [...], 'flag': [...]}` (classes 1..C-1, from metrics.score_volume). A volume's score is
 the mean over its foreground classes; tables give mean ± std over volumes, in % for Dice and mm
 for distances. `role` is 'in-domain' (a source site's own test cases) or 'unseen' (a held-out
-site). Empty-mask cases are counted, never dropped.
+site). Distance tables (ASD and HD95, per site and per class) appear when the records have them.
+Empty-mask cases are counted per kind under each per-class table, never dropped: both empty =
+Dice 1 and distances 0; an empty prediction or an empty reference = Dice 0 and distances = the
+image diagonal (metrics.py).
 """
 
 from __future__ import annotations
@@ -71,24 +74,58 @@ def site_table(records, *, sites, metric: str = "dice") -> str:
   return "\n".join(lines)
 
 
+# The empty-mask kinds of metrics.empty_flag and what metrics.score_volume scores for each.
+EMPTY_KINDS = {
+    "both_empty": ("prediction and reference both empty", "Dice 1", "distances 0"),
+    "pred_empty": ("empty prediction, non-empty reference", "Dice 0", "distances = image diagonal"),
+    "ref_empty": ("empty reference, non-empty prediction", "Dice 0", "distances = image diagonal"),
+}
+
+
+def _has_distances(records) -> bool:
+  return bool(records) and all("asd" in r and "hd95" in r for r in records)
+
+
+def empty_mask_note(records) -> str:
+  """One sentence counting the class-volume pairs of each empty-mask kind ('' when none)."""
+  counts = {kind: 0 for kind in EMPTY_KINDS}
+  for r in records:
+    for flag in r["flag"]:
+      if flag:
+        counts[flag] = counts.get(flag, 0) + 1
+  distances = _has_distances(records)
+  parts = []
+  for kind, (what, dice, distance) in EMPTY_KINDS.items():
+    if counts[kind]:
+      consequence = f"{dice}, {distance}" if distances else dice
+      parts.append(f"{counts[kind]} with {what} ({consequence})")
+  parts += [f"{n} flagged {kind!r} (unknown kind)" for kind, n in counts.items() if kind not in EMPTY_KINDS]
+  if not parts:
+    return ""
+  return ("Empty masks, counted per class-volume pair and kept in every mean: " + "; ".join(parts)
+          + " (see metrics.py).")
+
+
 def class_table(chosen, *, class_names) -> str:
-  """Rows: methods; columns: Dice per class + average, ASD per class + average (SIFA layout)."""
+  """Rows: methods; columns: Dice per class + average, then ASD and HD95 per class + average
+  (SIFA layout), the distance columns only when the records have distances."""
   methods = list(dict.fromkeys(r["method"] for r in chosen))
-  header = ["Method"] + [f"Dice {c}" for c in class_names] + ["Dice avg"] + \
-           [f"ASD {c} (mm)" for c in class_names] + ["ASD avg (mm)"]
+  distances = _has_distances(chosen)
+  header = ["Method"] + [f"Dice {c}" for c in class_names] + ["Dice avg"]
+  if distances:
+    for name in ("ASD", "HD95"):
+      header += [f"{name} {c} (mm)" for c in class_names] + [f"{name} avg (mm)"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for method in methods:
     rs = [r for r in chosen if r["method"] == method]
-    dice = np.array([r["dice"] for r in rs]) * 100
-    asd = np.array([r["asd"] for r in rs]) if rs and "asd" in rs[0] else np.zeros((len(rs), 0))
-    cells = [method] + [f"{dice[:, k].mean():.2f}" for k in range(dice.shape[1])] + [f"{dice.mean():.2f}"]
-    cells += [f"{asd[:, k].mean():.2f}" for k in range(asd.shape[1])] + \
-             ([f"{asd.mean():.2f}"] if asd.size else [])
+    cells = [method]
+    for metric, scale in (("dice", 100.0),) + ((("asd", 1.0), ("hd95", 1.0)) if distances else ()):
+      values = np.array([r[metric] for r in rs], np.float64) * scale
+      cells += [f"{values[:, k].mean():.2f}" for k in range(values.shape[1])] + [f"{values.mean():.2f}"]
     lines.append("| " + " | ".join(cells) + " |")
-  flagged = sum(bool(f) for r in chosen for f in r["flag"])
-  if flagged:
-    lines.append(f"\n{flagged} class-volume pair(s) had an empty prediction or reference "
-                 "(Dice 0 / distance = image diagonal; see metrics.py).")
+  note = empty_mask_note(chosen)
+  if note:
+    lines.append("\n" + note)
   return "\n".join(lines)
 
 
@@ -99,8 +136,10 @@ def markdown_report(records, *, sites, class_names, title: str, notes: list[str]
   parts = [f"# {title}", "", *[f"- {n}" for n in notes], "",
            "## Dice (%) per site, mean ± std over volumes (mean over foreground classes)", "",
            site_table(records, sites=sites, metric="dice"), ""]
-  if records and "asd" in records[0]:
-    parts += ["## ASD (mm) per site", "", site_table(records, sites=sites, metric="asd"), ""]
+  if _has_distances(records):
+    parts += ["## ASD (mm) per site", "", site_table(records, sites=sites, metric="asd"), "",
+              "## HD95 (mm) per site", "",
+              site_table(records, sites=sites, metric="hd95"), ""]
   for site in held_out:
     parts += [f"## Per class, unseen site {site}", "",
               class_table([r for r in records if r["site"] == site], class_names=class_names), ""]

@@ -5,11 +5,26 @@
 
 For every config × held-out site × seed it trains (medgen_jax.train_lib.train_and_evaluate) in
 `DIR/<config>/<site>/seed<k>`, with `data.held_out = (site,)` and `seed = k` (initialization and
-sampling; the case split stays fixed by `data.split.seed`). A finished run (results.json present)
-is not redone; an interrupted one resumes from its checkpoints. Then it writes one table,
-`DIR/sweep.md` and `DIR/sweep.csv`: rows are methods, columns the held-out sites and their
-average, cells the held-out site's mean Dice (%) as mean ± std over seeds, with the model
-selection rule stated.
+sampling; the case split stays fixed by `data.split.seed`). The config's `data.sites` is honoured:
+the held-out sites are chosen among them (`--held-out all` = every site of `data.sites`, or every
+site of the dataset when it is empty) and the other sites of `data.sites` are the sources.
+
+Runs already in DIR: a finished run (results.json present) is not redone and an interrupted one
+resumes from its checkpoints, but only if its `config.json` equals the config the sweep would run
+now (`train_lib.config_differences`, the trainer's own rule: keys in `train_lib.RESUMABLE_KEYS` may differ)
+and, for a finished run, its results were selected by the same `eval.selection`. Otherwise the
+sweep REFUSES before training anything, one line per such run naming the run dir and the
+differing keys (fix: a new --workdir, or delete the run dir); it never reports old runs under new
+settings and never overwrites them.
+
+Bad `--config`/`--set` (unknown key, wrong type, item without '=') and invalid configs: one line,
+exit 2, before any training. A run that fails while training (bad data, divergence, disk error)
+is reported on one line and the sweep goes on with the other runs; the table is written for the
+runs that finished, lists the failed ones, and the exit status is 1.
+
+Output: `DIR/sweep.md` and `DIR/sweep.csv`: rows are methods, columns the held-out sites and their
+average, cells the held-out site's mean Dice (%) as mean ± std over seeds (`(n=k)` when fewer
+seeds finished than asked for), with the model selection rule stated.
 """
 
 from __future__ import annotations
@@ -17,12 +32,15 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import dataclasses
+import difflib
 import io
 import json
 import runpy
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 
 from medgen_jax.data.errors import DataError
@@ -31,30 +49,85 @@ from medgen_jax.data.nifti import write_bytes_atomic
 from medgen_jax.data.synthesize import ensure_brain_sites
 from medgen_jax.report import mean_dice
 
+SELECTION_RULES = {"val": "best mean Dice on the source sites' validation cases",
+                   "last": "last checkpoint", "oracle": "ORACLE (held-out labels)"}
 
-def load_config(spec: str, overrides=()):
+
+class SweepConfigError(ValueError):
+  """A bad --config or --set: reported on one line, exit status 2."""
+
+
+def _parse_value(text: str, current):
+  """A Python literal; else, for a tuple-valued key, comma-separated items; else the text."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    pass
+  if isinstance(current, tuple):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return tuple(_parse_value(t, None) for t in items)
+  return text
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+  """Applies one `--set KEY=VALUE` to an unlocked-or-locked config; SweepConfigError if bad."""
+  key, sep, text = item.partition("=")
+  key = key.strip()
+  if not sep or not key:
+    raise SweepConfigError(f"--set {item!r}: not of the form KEY=VALUE. Fix: write e.g. --set num_steps=300")
+  target = config
+  *parents, last = key.split(".")
+  for depth, name in enumerate(parents + [last]):
+    if not isinstance(target, ml_collections.ConfigDict) or name not in target:
+      options = list(target.keys()) if isinstance(target, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(name, options, n=1)
+      hint = f"did you mean {'.'.join(parents[:depth] + close)!r}?" if close else \
+             "see medgen_jax/config.py for the keys"
+      raise SweepConfigError(f"--set {item}: unknown config key {key!r}. Fix: {hint}")
+    if depth < len(parents):
+      target = target[name]
+  current = target[last]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise SweepConfigError(f"--set {item}: {key!r} is a group of keys, not a value. "
+                           f"Fix: set one of its keys, e.g. {key}.{next(iter(current.keys()))}=...")
+  value = _parse_value(text, current)
+  if isinstance(value, list):
+    value = tuple(value)
+  if value is None and current is not None:
+    raise SweepConfigError(f"--set {item}: {key} cannot be None. Fix: give a "
+                           f"{type(current).__name__} value like the default {current!r}")
+  try:
+    target[last] = value
+  except (TypeError, ValueError):
+    kind = type(current).__name__ if current is not None else "this key's type"
+    raise SweepConfigError(f"--set {item}: {value!r} is a {type(value).__name__}, but {key} takes a "
+                           f"value of type {kind}. Fix: e.g. --set {key}={current!r}") from None
+
+
+def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
   """'path.py' or 'path.py:arg' -> locked ConfigDict, with `key=value` overrides applied."""
   path, _, arg = spec.partition(":")
   if not Path(path).is_file():
-    raise FileNotFoundError(f"--config {spec}: {path} does not exist")
-  get_config = runpy.run_path(path)["get_config"]
-  config = get_config(arg) if arg else get_config()
-  for item in overrides:
-    key, _, text = item.partition("=")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    target = config
-    *parents, last = key.split(".")
-    for p in parents:
-      if p not in target:
-        raise ValueError(f"--set {item}: unknown config key {key!r}")
-      target = target[p]
-    if last not in target:
-      raise ValueError(f"--set {item}: unknown config key {key!r}")
-    target[last] = tuple(value) if isinstance(value, list) else value
+    raise SweepConfigError(f"--config {spec}: {path} does not exist. Fix: give a config file, e.g. "
+                           "configs/deepall_brain.py:quick")
+  try:
+    get_config = runpy.run_path(path).get("get_config")
+    if get_config is None:
+      raise SweepConfigError(f"--config {spec}: {path} defines no get_config(). "
+                             "Fix: define get_config(arg=None) returning a ConfigDict")
+    config = get_config(arg) if arg else get_config()
+  except SweepConfigError:
+    raise
+  except Exception as e:  # the config file is user code: any error is reported on one line
+    message = " ".join(str(e).split())
+    raise SweepConfigError(f"--config {spec}: loading {path} failed ({type(e).__name__}: {message}). "
+                           "Fix: correct the config file or its argument") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise SweepConfigError(f"--config {spec}: get_config returned {type(config).__name__}, "
+                           "not a ConfigDict. Fix: return config.base_config() with overrides")
   config.lock()
+  for item in overrides:
+    apply_override(config, item)
   return config
 
 
@@ -64,104 +137,222 @@ def config_name(spec: str) -> str:
 
 
 def sites_of(config) -> list[str]:
+  """The config's `data.sites` (checked to exist) or, when empty, every site of the dataset."""
   root = Path(config.data.root)
   if not root.exists() and config.data.synthesize.if_missing and root.name.startswith("brain-sites"):
     ensure_brain_sites(root, sites=config.data.synthesize.sites,
                        cases_per_site=config.data.synthesize.cases_per_site,
                        seed=config.data.synthesize.seed)
-  _, by_site, problems = discover(root, layout=config.data.layout, sites=list(config.data.sites) or None)
+  _, by_site, problems = discover(root, layout=config.data.layout, sites=list(config.data.sites) or None,
+                                  channel=None if config.data.channel < 0 else config.data.channel,
+                                  site_csv=config.data.msd.site_csv, site_pattern=config.data.msd.site_pattern)
   if problems:
     raise DataError(problems)
-  return sorted(by_site)
+  return list(by_site)
 
 
-def run_one(config, run_dir: Path) -> dict:
+def check_existing_run(config, run_dir: Path) -> str | None:
+  """None if `run_dir` is new or holds a run of `config` (reusable); else why it is refused."""
+  fix = f"Fix: use a new --workdir, or delete {run_dir} to redo it with these settings"
+  config_path, results_path = run_dir / "config.json", run_dir / "results.json"
+  if not config_path.is_file():
+    if results_path.is_file():
+      return f"{run_dir}: has results.json but no config.json, so its settings cannot be checked. {fix}"
+    return None
+  try:
+    saved = json.loads(config_path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    return f"{config_path}: cannot be read ({' '.join(str(e).split())}). {fix}"
+  from medgen_jax import train_lib  # imports JAX; keep `--help` fast
+
+  # The trainer's own rule (train_lib.check_config): keys in train_lib.RESUMABLE_KEYS may differ.
+  differ = train_lib.config_differences(saved, json.loads(config.to_json()))
+  if differ:
+    return (f"{run_dir}: holds a run with a different config ({', '.join(differ)} differ from the "
+            f"sweep's settings now). {fix}")
+  if results_path.is_file():
+    try:
+      results = json.loads(results_path.read_text())
+      selection, records = results["selection"], results["records"]
+      assert isinstance(records, list)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+      return f"{results_path}: unreadable or incomplete results. {fix}"
+    if selection != config.eval.selection:
+      return (f"{run_dir}: finished with eval.selection={selection!r}, the sweep now asks for "
+              f"{config.eval.selection!r}. Fix: python -m medgen_jax.evaluate --workdir {run_dir} "
+              f"--selection {config.eval.selection}, a new --workdir, or delete {run_dir}")
+  return None
+
+
+def run_one(config, run_dir: Path) -> list[dict]:
+  """The run's per-volume records: read from a finished run, else trained (or resumed)."""
   from medgen_jax import train_lib  # imports JAX; keep `--help` fast
 
   done = run_dir / "results.json"
   if done.is_file():
-    payload = json.loads(done.read_text())
-    return {"records": payload["records"], "resumed": False}
-  result = train_lib.train_and_evaluate(config, run_dir)
-  return {"records": result["records"], "resumed": True}
+    return json.loads(done.read_text())["records"]
+  return train_lib.train_and_evaluate(config, run_dir)["records"]
 
 
 def unseen_dice(records, site: str) -> float:
   return mean_dice([r for r in records if r["site"] == site and r["role"] == "unseen"]) * 100
 
 
-def sweep_table(rows: dict, sites: list[str]) -> str:
-  """rows: method -> site -> [dice per seed]."""
+def _cell(values, seeds: int) -> str:
+  if not len(values):
+    return "—"
+  v = np.asarray(values, np.float64)
+  return f"{v.mean():.2f} ± {v.std():.2f}" + (f" (n={v.size})" if v.size < seeds else "")
+
+
+def sweep_table(rows: dict, sites: list[str], seeds: int, row_sites: dict | None = None) -> str:
+  """rows: method -> site -> {seed: dice}. Average = per seed, the mean over the row's held-out
+  sites (`row_sites[method]`, default `sites`), for the seeds that finished on all of them; '—'
+  when none did (an average over fewer sites would not be comparable)."""
   header = ["Method"] + [f"{s} (held out)" for s in sites] + ["Average"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for method, per_site in rows.items():
-    cells = [method]
-    for s in sites:
-      v = np.asarray(per_site.get(s, []))
-      cells.append(f"{v.mean():.2f} ± {v.std():.2f}" if v.size else "—")
-    complete = [s for s in sites if per_site.get(s)]
-    seeds = min(len(per_site[s]) for s in complete) if complete else 0
-    averages = np.array([np.mean([per_site[s][k] for s in complete]) for k in range(seeds)])
-    cells.append(f"{averages.mean():.2f} ± {averages.std():.2f}" if averages.size else "—")
+    cells = [method] + [_cell(list(per_site.get(s, {}).values()), seeds) for s in sites]
+    own = (row_sites or {}).get(method, sites)
+    common = set.intersection(*(set(per_site.get(s, {})) for s in own)) if own else set()
+    cells.append(_cell([np.mean([per_site[s][k] for s in own]) for k in sorted(common)], seeds))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class PlannedRun:
+  spec: str
+  site: str
+  seed: int
+  config: ml_collections.ConfigDict
+  run_dir: Path
+
+
+def _one_line(error: BaseException) -> str:
+  return " | ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
+  """Every run of the sweep with its config; SweepConfigError / DataError before any training."""
+  from medgen_jax import config as config_lib  # imports JAX; keep `--help` fast
+
+  plan, all_sites = [], []
+  workdir = Path(args.workdir)
+  for spec in args.config:
+    base = load_config(spec, args.set)
+    sites = sites_of(base)
+    where = f"data.sites={list(base.data.sites)}" if base.data.sites else f"the dataset {base.data.root}"
+    if args.held_out == "all":
+      held = sites
+    else:
+      held = list(dict.fromkeys(s.strip() for s in args.held_out.split(",") if s.strip()))
+    unknown = [s for s in held if s not in sites]
+    if unknown or not held:
+      raise DataError.single(f"--held-out {args.held_out}", f"site(s) {unknown} do not exist in {where}",
+                             f"choose from {sites}")
+    if len(sites) < 2:
+      raise DataError.single(f"--config {spec}", f"{where} has only the site(s) {sites}: "
+                             "holding one out leaves no source site", "use at least two sites")
+    all_sites += [s for s in held if s not in all_sites]
+    for site in held:
+      for seed in range(args.seeds):
+        config = load_config(spec, args.set)
+        with config.unlocked():
+          config.data.held_out = (site,)
+          config.seed = seed
+          config.progress_bar = False
+        try:
+          config_lib.validate(config)
+        except (ValueError, TypeError) as e:
+          raise SweepConfigError(f"--config {spec}: {_one_line(e)}") from None
+        plan.append(PlannedRun(spec, site, seed, config, workdir / config_name(spec) / site / f"seed{seed}"))
+  return plan, all_sites
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m medgen_jax.sweep", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", action="append", required=True, help="configs/x.py[:arg], repeatable")
-  parser.add_argument("--held-out", default="all", help="'all' or comma-separated sites")
+  parser.add_argument("--held-out", default="all",
+                      help="'all' (every site of data.sites, or of the dataset) or comma-separated sites")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override applied to every config, e.g. num_steps=300")
+                      help="override applied to every config, e.g. num_steps=300 or data.sites=A,B,C")
   args = parser.parse_args(argv)
+  if args.seeds < 1:
+    print(f"error: --seeds {args.seeds}: must be >= 1", file=sys.stderr)
+    return 2
   workdir = Path(args.workdir)
-  rows: dict[str, dict[str, list[float]]] = {}
-  csv_rows = []
-  selections = set()
-  all_sites: list[str] = []
   try:
-    for spec in args.config:
-      base = load_config(spec, args.set)
-      sites = sites_of(base)
-      held = sites if args.held_out == "all" else [s for s in args.held_out.split(",") if s]
-      unknown = [s for s in held if s not in sites]
-      if unknown:
-        raise DataError.single(f"--held-out {args.held_out}", f"site(s) {unknown} do not exist",
-                               f"choose from {sites}")
-      all_sites += [s for s in held if s not in all_sites]
-      for site in held:
-        for seed in range(args.seeds):
-          config = load_config(spec, args.set)
-          with config.unlocked():
-            config.data.held_out = (site,)
-            config.data.sites = ()
-            config.seed = seed
-            config.progress_bar = False
-          selections.add(config.eval.selection)
-          run_dir = workdir / config_name(spec) / site / f"seed{seed}"
-          print(f"[sweep] {config_name(spec)}: held out {site}, seed {seed} -> {run_dir}", flush=True)
-          out = run_one(config, run_dir)
-          method = next(iter({r["method"] for r in out["records"]}))
-          dice = unseen_dice(out["records"], site)
-          rows.setdefault(method, {}).setdefault(site, []).append(dice)
-          csv_rows.append([config_name(spec), method, site, seed, f"{dice:.4f}"])
-  except (DataError, FileNotFoundError, ValueError) as e:
+    plan, all_sites = plan_runs(args)
+  except SweepConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  rules = {"val": "best mean Dice on the source sites' validation cases",
-           "last": "last checkpoint", "oracle": "ORACLE (held-out labels)"}
-  table = sweep_table(rows, all_sites)
-  markdown = (f"# Leave-one-domain-out sweep\n\n- held-out site's mean Dice (%), mean ± std over "
-              f"{args.seeds} seed(s); Average = mean over held-out sites per seed\n"
-              f"- model selection: {'; '.join(rules[s] for s in sorted(selections))}\n\n{table}\n")
-  buffer = io.StringIO()
-  csv.writer(buffer).writerows([["config", "method", "held_out", "seed", "unseen_dice"]] + csv_rows)
-  write_bytes_atomic(workdir / "sweep.md", markdown.encode())
-  write_bytes_atomic(workdir / "sweep.csv", buffer.getvalue().encode())
-  print(markdown)
+
+  refused = [m for m in (check_existing_run(run.config, run.run_dir) for run in plan) if m]
+  if refused:
+    for message in refused:
+      print(f"error: {message}", file=sys.stderr)
+    print(f"error: refusing to run the sweep: {len(refused)} existing run(s) in {workdir} do not match "
+          "its settings (nothing was trained or changed)", file=sys.stderr)
+    return 1
+
+  from medgen_jax import train_lib  # imports JAX; keep `--help` fast
+  finished, failed = [], []
+  for run in plan:
+    name = config_name(run.spec)
+    print(f"[sweep] {name}: held out {run.site}, seed {run.seed} -> {run.run_dir}", flush=True)
+    try:
+      records = run_one(run.config, run.run_dir)
+    except (ValueError, OSError, train_lib.TrainingDivergedError) as e:  # DataError is a ValueError
+      failed.append((run, _one_line(e)))
+      print(f"error: run {run.run_dir} failed: {_one_line(e)}", file=sys.stderr, flush=True)
+      continue
+    for method in dict.fromkeys(r["method"] for r in records):
+      dice = unseen_dice([r for r in records if r["method"] == method], run.site)
+      finished.append((name, method, run.site, run.seed, dice))
+
+  configs_of, held_of = {}, {}
+  for name, method, *_ in finished:
+    configs_of.setdefault(method, set()).add(name)
+  for run in plan:
+    held_of.setdefault(config_name(run.spec), [])
+    if run.site not in held_of[config_name(run.spec)]:
+      held_of[config_name(run.spec)].append(run.site)
+  rows: dict[str, dict[str, dict[int, float]]] = {}
+  row_sites: dict[str, list[str]] = {}
+  csv_rows = []
+  for name, method, site, seed, dice in finished:
+    # Two configs giving the same method label get one row each, labelled with the config.
+    label = method if len(configs_of[method]) == 1 else f"{method} ({name})"
+    rows.setdefault(label, {}).setdefault(site, {})[seed] = dice
+    row_sites[label] = held_of[name]
+    csv_rows.append([name, method, site, seed, f"{dice:.4f}"])
+  selections = sorted({run.config.eval.selection for run in plan})
+  notes = [f"held-out site's mean Dice (%), mean ± std over {args.seeds} seed(s) (n=k: only k finished); "
+           "Average = mean over held-out sites per seed, over the seeds that finished on all of them",
+           f"model selection: {'; '.join(SELECTION_RULES[s] for s in selections)}"]
+  if failed:
+    notes.append(f"FAILED, not in the table ({len(failed)}): " +
+                 "; ".join(f"{run.run_dir.relative_to(workdir)} ({why})" for run, why in failed))
+  if finished:
+    table = sweep_table(rows, all_sites, args.seeds, row_sites)
+    markdown = "# Leave-one-domain-out sweep\n\n" + "".join(f"- {n}\n" for n in notes) + f"\n{table}\n"
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([["config", "method", "held_out", "seed", "unseen_dice"]] + csv_rows)
+    write_bytes_atomic(workdir / "sweep.md", markdown.encode())
+    write_bytes_atomic(workdir / "sweep.csv", buffer.getvalue().encode())
+    print(markdown)
+  if failed:
+    written = f"; the table of the {len(plan) - len(failed)} finished run(s) is in {workdir / 'sweep.md'}" \
+              if finished else "; no run finished, so no table was written"
+    print(f"error: {len(failed)} of {len(plan)} run(s) failed (listed above){written}", file=sys.stderr)
+    return 1
   return 0
 
 

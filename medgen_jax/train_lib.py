@@ -183,22 +183,29 @@ def make_metric_network(config):
   return MetricNet(tuple(block.metric_features)), optax.adam(block.metric_lr)
 
 
-def init_run_parts(config, num_classes: int) -> RunParts:
+def init_run_parts(config, num_classes: int, *, abstract: bool = False) -> RunParts:
+  """The networks, optimizers and initial state of one model. `abstract=True` gives the state
+  as shapes only (jax.eval_shape: nothing is compiled or run), enough to restore a checkpoint."""
   in_shape = (1, *config.data.in_plane_shape, config.data.context_slices)
   sync = config.bn_sync and config.model.norm == "batch"
   train_model = make_model(config.model, num_classes=num_classes, dtype=config.dtype,
                            bn_axis_name=parallel.AXIS_NAME if sync else None)
   eval_model = make_model(config.model, num_classes=num_classes, dtype=config.dtype)
   tx = make_optimizer(config.optimizer, num_steps=config.num_steps)
-  state = create_train_state(config.seed, train_model, tx, input_shape=in_shape)
   metric_model, metric_tx = make_metric_network(config)
-  if metric_model is not None:
-    phi = metric_model.init(jax.random.PRNGKey(config.seed + 7),
-                            jnp.zeros((1, config.model.base_features)))["params"]
-    state = state.replace(metric_params=phi, metric_opt_state=metric_tx.init(phi))
   task_tx = make_task_optimizer(config)
-  if task_tx is not None:
-    state = state.replace(task_opt_state=task_tx.init(state.params))
+
+  def initial_state():
+    state = create_train_state(config.seed, train_model, tx, input_shape=in_shape)
+    if metric_model is not None:
+      phi = metric_model.init(jax.random.PRNGKey(config.seed + 7),
+                              jnp.zeros((1, config.model.base_features)))["params"]
+      state = state.replace(metric_params=phi, metric_opt_state=metric_tx.init(phi))
+    if task_tx is not None:
+      state = state.replace(task_opt_state=task_tx.init(state.params))
+    return state
+
+  state = jax.eval_shape(initial_state) if abstract else initial_state()
   return RunParts(train_model, eval_model, tx, metric_model, metric_tx, task_tx, state, sync)
 
 
@@ -508,7 +515,7 @@ def restore_models(config, workdir: Path, *, num_classes: int, sources: list[str
   """The selected checkpoint of every model of a finished run (no training step is taken)."""
   trained = []
   for name, model_sources in _model_runs(config, sources):
-    parts = init_run_parts(config, num_classes)
+    parts = init_run_parts(config, num_classes, abstract=True)
     ckpts = Checkpoints(workdir / name / "checkpoints", keep=config.checkpoint.keep,
                         selection_key=selection_key(config.eval.selection))
     try:

@@ -1,9 +1,15 @@
-"""The leave-one-domain-out sweep CLI: runs, table, resume without redoing finished runs."""
+"""The leave-one-domain-out sweep CLI: runs, table, resume without redoing finished runs, refusal of
+runs made with other settings, data.sites, failed runs, bad --set values."""
+
+import json
 
 import numpy as np
+import pytest
 
 from helpers import make_sites_dataset
-from medgen_jax import sweep
+from medgen_jax import sweep, train_lib
+from medgen_jax.data.errors import DataError, Problem
+from medgen_jax.data.pipeline import prepare_data
 
 TINY = """
 from medgen_jax.config import base_config
@@ -45,9 +51,33 @@ def test_sweep_runs_every_fold_and_resumes(tmp_path, capsys, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError("a finished run was trained again")
 
-  from medgen_jax import train_lib
   monkeypatch.setattr(train_lib, "train_and_evaluate", no_training)
   assert sweep.main(argv) == 0
+  assert (tmp_path / "sweep" / "sweep.md").read_text() == table
+  # Keys in train_lib.RESUMABLE_KEYS do not change what was computed: still reused.
+  assert sweep.main(argv + ["--set", "log_every=7", "--set", "eval.batch_size=3"]) == 0
+  capsys.readouterr()
+
+  # Changed settings: refused before any training, one line per run naming the run dir and the
+  # differing keys; nothing written is touched.
+  run_dir = tmp_path / "sweep" / "tiny" / "A" / "seed0"
+  saved = (run_dir / "config.json").read_bytes(), (run_dir / "results.json").read_bytes()
+  assert sweep.main(argv + ["--set", "num_steps=3"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 4 + 1  # 4 runs + the summary line
+  assert err[0] == (f"error: {run_dir}: holds a run with a different config (num_steps differ from the "
+                    f"sweep's settings now). Fix: use a new --workdir, or delete {run_dir} to redo it "
+                    "with these settings")
+  assert ((run_dir / "config.json").read_bytes(), (run_dir / "results.json").read_bytes()) == saved
+  assert (tmp_path / "sweep" / "sweep.md").read_text() == table
+  config_file.write_text(TINY.format(root=str(root)).replace("base_features = 4", "base_features = 8"))
+  assert sweep.main(argv) == 1
+  assert "(model.base_features differ" in capsys.readouterr().err
+  config_file.write_text(TINY.format(root=str(root)))
+  # A finished run's results were selected by its own rule: not reported under another.
+  assert sweep.main(argv + ["--set", "eval.selection='last'"]) == 1
+  assert (f"error: {run_dir}: finished with eval.selection='val', the sweep now asks for 'last'"
+          in capsys.readouterr().err)
   assert (tmp_path / "sweep" / "sweep.md").read_text() == table
 
 
@@ -57,5 +87,190 @@ def test_sweep_rejects_unknown_site_and_override(tmp_path, capsys):
   config_file.write_text(TINY.format(root=str(root)))
   assert sweep.main(["--config", str(config_file), "--held-out", "Q", "--workdir", str(tmp_path / "s")]) == 1
   assert "site(s) ['Q'] do not exist" in capsys.readouterr().err
-  assert sweep.main(["--config", str(config_file), "--set", "num_stepz=3", "--workdir", str(tmp_path / "s")]) == 1
+  assert sweep.main(["--config", str(config_file), "--set", "num_stepz=3",
+                     "--workdir", str(tmp_path / "s")]) == 2
   assert "unknown config key 'num_stepz'" in capsys.readouterr().err
+
+
+def fake_records(site, dice, sources):
+  """What train_and_evaluate returns: the held-out site's volumes (unseen) and a source's own."""
+  return {"records": [
+      {"method": "DeepAll", "site": site, "case": "c0", "role": "unseen", "dice": [dice, dice]},
+      {"method": "DeepAll", "site": site, "case": "c1", "role": "unseen", "dice": [dice - 0.1, dice + 0.1]},
+      {"method": "DeepAll", "site": sources[0], "case": "c0", "role": "in-domain", "dice": [0.0, 0.0]}]}
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+  root = make_sites_dataset(tmp_path / "toy", sites=("A", "B", "C"), cases=3)
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(TINY.format(root=str(root)))
+  return root, config_file
+
+
+def test_sweep_honours_data_sites(tmp_path, tiny_setup, monkeypatch, capsys):
+  root, config_file = tiny_setup
+  seen = []
+
+  def fake_train(config, workdir):
+    seen.append((tuple(config.data.sites), tuple(config.data.held_out), config.seed, workdir))
+    return fake_records(config.data.held_out[0], 0.5, ["x"])
+
+  monkeypatch.setattr(train_lib, "train_and_evaluate", fake_train)
+  workdir = tmp_path / "s"
+  base = ["--config", str(config_file), "--seeds", "1", "--workdir", str(workdir), "--set", "data.sites=A,B"]
+  assert sweep.main(base + ["--held-out", "all"]) == 0
+  # 'all' = the config's sites, not the dataset's three.
+  assert seen == [(("A", "B"), ("A",), 0, workdir / "tiny" / "A" / "seed0"),
+                  (("A", "B"), ("B",), 0, workdir / "tiny" / "B" / "seed0")]
+  assert "| Method | A (held out) | B (held out) | Average |" in (workdir / "sweep.md").read_text()
+  # With those settings the trainer's data pipeline trains on the other config site only.
+  config = sweep.load_config(str(config_file), ["data.sites=A,B", "data.held_out=('A',)"])
+  data = prepare_data(config.data)
+  assert (data.sources, data.held_out, sorted(data.cases["test"])) == (["B"], ["A"], ["A", "B"])
+  # A held-out site outside data.sites is refused before any training.
+  seen.clear()
+  assert sweep.main(base + ["--held-out", "C"]) == 1
+  err = capsys.readouterr().err
+  assert ("error: --held-out C: site(s) ['C'] do not exist in data.sites=['A', 'B']. "
+          "Fix: choose from ['A', 'B']") in err
+  assert seen == []
+  # Without data.sites, 'all' is every site of the dataset.
+  assert sweep.main(["--config", str(config_file), "--seeds", "1", "--workdir", str(tmp_path / "t")]) == 0
+  assert [s[1] for s in seen] == [("A",), ("B",), ("C",)] and all(s[0] == () for s in seen)
+
+
+def test_failed_runs_are_reported_and_the_sweep_goes_on(tmp_path, tiny_setup, monkeypatch, capsys):
+  _, config_file = tiny_setup
+  # Held-out site -> seed -> Dice of its volumes, or the error its training raises.
+  outcome = {"A": {0: 0.5, 1: 0.7, 2: OSError(28, "No space left on device")},
+             "B": {0: DataError([Problem("B/case1_image.nii.gz", "bad", "fix it"),
+                                 Problem("B/case2_image.nii.gz", "worse", "fix that")]), 1: 0.9, 2: 0.8},
+             "C": {0: 0.3, 1: 0.6, 2: train_lib.TrainingDivergedError("non-finite loss")}}
+  calls = []
+
+  def fake_train(config, workdir):
+    site, seed = config.data.held_out[0], config.seed
+    calls.append((site, seed))
+    result = outcome[site][seed]
+    if isinstance(result, Exception):
+      raise result
+    return fake_records(site, result, ["A" if site != "A" else "B"])
+
+  monkeypatch.setattr(train_lib, "train_and_evaluate", fake_train)
+  workdir = tmp_path / "s"
+  assert sweep.main(["--config", str(config_file), "--seeds", "3", "--workdir", str(workdir)]) == 1
+  assert len(calls) == 9  # every run was tried
+  err = capsys.readouterr().err.strip().splitlines()
+  failed = [line for line in err if line.startswith("error: run ")]
+  assert failed == [
+      f"error: run {workdir / 'tiny/A/seed2'} failed: [Errno 28] No space left on device",
+      f"error: run {workdir / 'tiny/B/seed0'} failed: B/case1_image.nii.gz: bad. Fix: fix it | "
+      "B/case2_image.nii.gz: worse. Fix: fix that",
+      f"error: run {workdir / 'tiny/C/seed2'} failed: non-finite loss"]
+  assert err[-1].startswith("error: 3 of 9 run(s) failed")
+  markdown = (workdir / "sweep.md").read_text()
+  # Held-out Dice per run = mean over its unseen volumes = the given value (in-domain ignored).
+  # A: seeds 0, 1 -> 50, 70: 60 ± 10 (n=2). B: seeds 1, 2 -> 90, 80: 85 ± 5. C: seeds 0, 1 -> 30, 60:
+  # 45 ± 15. Average over the seeds finished on A, B and C: seed 1 only, (70 + 90 + 60) / 3 = 73.33.
+  assert "| Method | A (held out) | B (held out) | C (held out) | Average |" in markdown
+  assert ("| DeepAll | 60.00 ± 10.00 (n=2) | 85.00 ± 5.00 (n=2) | 45.00 ± 15.00 (n=2) | "
+          "73.33 ± 0.00 (n=1) |") in markdown
+  assert "FAILED, not in the table (3): tiny/A/seed2 ([Errno 28] No space left on device); " in markdown
+  rows = (workdir / "sweep.csv").read_text().splitlines()
+  assert rows[1:] == ["tiny,DeepAll,A,0,50.0000", "tiny,DeepAll,A,1,70.0000", "tiny,DeepAll,B,1,90.0000",
+                      "tiny,DeepAll,B,2,80.0000", "tiny,DeepAll,C,0,30.0000", "tiny,DeepAll,C,1,60.0000"]
+
+
+def test_average_needs_every_held_out_site():
+  rows = {"M": {"A": {0: 50.0, 1: 70.0}}, "N": {"A": {0: 10.0}, "B": {0: 30.0}}}
+  table = sweep.sweep_table(rows, ["A", "B"], 2, {"M": ["A", "B"], "N": ["A", "B"]})
+  assert "| M | 60.00 ± 10.00 | — | — |" in table  # no average over A alone
+  assert "| N | 10.00 ± 0.00 (n=1) | 30.00 ± 0.00 (n=1) | 20.00 ± 0.00 (n=1) |" in table
+
+
+def test_same_method_from_two_configs_gets_two_rows(tmp_path, tiny_setup, monkeypatch):
+  _, config_file = tiny_setup
+  other = tmp_path / "other.py"
+  other.write_text(config_file.read_text())
+  monkeypatch.setattr(train_lib, "train_and_evaluate", lambda config, workdir: fake_records(
+      config.data.held_out[0], 0.5 if "other" in str(workdir) else 0.25, ["x"]))
+  workdir = tmp_path / "s"
+  assert sweep.main(["--config", str(config_file), "--config", str(other), "--held-out", "A",
+                     "--seeds", "1", "--workdir", str(workdir)]) == 0
+  markdown = (workdir / "sweep.md").read_text()
+  assert "| DeepAll (tiny) | 25.00 ± 0.00 | 25.00 ± 0.00 |" in markdown
+  assert "| DeepAll (other) | 50.00 ± 0.00 | 50.00 ± 0.00 |" in markdown
+
+
+def test_interrupted_run_with_other_config_is_refused(tmp_path, tiny_setup, monkeypatch, capsys):
+  _, config_file = tiny_setup
+  monkeypatch.setattr(train_lib, "train_and_evaluate", lambda *a: pytest.fail("trained"))
+  run_dir = tmp_path / "s" / "tiny" / "B" / "seed0"
+  run_dir.mkdir(parents=True)
+  old = sweep.load_config(str(config_file), ["batch_size=8", "data.held_out=B,", "progress_bar=False"])
+  (run_dir / "config.json").write_text(json.dumps(json.loads(old.to_json())))
+  before = (run_dir / "config.json").read_bytes()
+  assert sweep.main(["--config", str(config_file), "--held-out", "A,B", "--seeds", "1",
+                     "--workdir", str(tmp_path / "s")]) == 1
+  err = capsys.readouterr().err
+  assert f"error: {run_dir}: holds a run with a different config (batch_size differ " in err
+  assert (run_dir / "config.json").read_bytes() == before
+  assert not (tmp_path / "s" / "sweep.md").exists()
+
+
+def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path, tiny_setup, monkeypatch, capsys):
+  _, config_file = tiny_setup
+  monkeypatch.setattr(train_lib, "train_and_evaluate", lambda *a: pytest.fail("trained"))
+  workdir = tmp_path / "s"
+  for site, dice in (("A", 0.4), ("B", 0.6)):
+    # A finished run as the trainer leaves it: the sweep's config for that run, and its results.
+    config = sweep.load_config(str(config_file), [f"data.held_out={site},", "progress_bar=False"])
+    run_dir = workdir / "tiny" / site / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(json.loads(config.to_json())))
+    (run_dir / "results.json").write_text(json.dumps({"selection": "val", **fake_records(site, dice, ["C"])}))
+  argv = ["--config", str(config_file), "--held-out", "A,B", "--seeds", "1", "--workdir", str(workdir)]
+  assert sweep.main(argv + ["--set", "log_every=9"]) == 0  # a RESUMABLE_KEYS key may differ
+  table = (workdir / "sweep.md").read_text()
+  assert "| DeepAll | 40.00 ± 0.00 | 60.00 ± 0.00 | 50.00 ± 0.00 |" in table
+  for override, key in (("num_steps=3", "num_steps"), ("data.in_plane_shape=8,8", "data.in_plane_shape"),
+                        ("data.sites=A,B", "data.sites")):
+    assert sweep.main(argv + ["--set", override]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == [f"error: {workdir / 'tiny' / s / 'seed0'}: holds a run with a different config ({key} "
+                       "differ from the sweep's settings now). Fix: use a new --workdir, or delete "
+                       f"{workdir / 'tiny' / s / 'seed0'} to redo it with these settings" for s in "AB"]
+  assert sweep.main(argv + ["--set", "eval.selection=last"]) == 1
+  assert (f"error: {workdir / 'tiny/A/seed0'}: finished with eval.selection='val', the sweep now asks "
+          "for 'last'. "
+          f"Fix: python -m medgen_jax.evaluate --workdir {workdir / 'tiny/A/seed0'} --selection last"
+          in capsys.readouterr().err)
+  (workdir / "tiny" / "B" / "seed0" / "config.json").unlink()
+  assert sweep.main(argv) == 1
+  err = capsys.readouterr().err
+  assert "B/seed0: has results.json but no config.json, so its settings cannot be checked." in err
+  assert (workdir / "sweep.md").read_text() == table
+
+
+@pytest.mark.parametrize("item, message", [
+    ("num_steps=abc", "error: --set num_steps=abc: 'abc' is a str, but num_steps takes a value of type int. "
+                      "Fix: e.g. --set num_steps=2"),
+    ("num_steps=1.5", "error: --set num_steps=1.5: 1.5 is a float, but num_steps takes a value of type int"),
+    ("num_steps=None", "error: --set num_steps=None: num_steps cannot be None"),
+    ("num_steps", "error: --set 'num_steps': not of the form KEY=VALUE. Fix: write e.g. --set num_steps=300"),
+    ("=3", "error: --set '=3': not of the form KEY=VALUE"),
+    ("optimizer.learnig_rate=0.1", "error: --set optimizer.learnig_rate=0.1: unknown config key "
+                                   "'optimizer.learnig_rate'. Fix: did you mean 'optimizer.learning_rate'?"),
+    ("num_steps.x=1", "error: --set num_steps.x=1: unknown config key 'num_steps.x'"),
+    ("data=3", "error: --set data=3: 'data' is a group of keys, not a value"),
+    ("num_steps=0", "error: --config "),  # config_lib.validate, before training
+])
+def test_bad_set_is_one_line_and_exit_2_before_training(tmp_path, tiny_setup, monkeypatch, capsys,
+                                                        item, message):
+  _, config_file = tiny_setup
+  monkeypatch.setattr(train_lib, "train_and_evaluate", lambda *a: pytest.fail("trained"))
+  assert sweep.main(["--config", str(config_file), "--set", item, "--workdir", str(tmp_path / "s")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(message) and err.count("\n") == 1, err
+  assert not (tmp_path / "s").exists()
