@@ -46,7 +46,9 @@ def measure(args) -> dict:
     train_lib.train_and_evaluate(config, workdir)
     wall = time.perf_counter() - tic
     records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  rates = [r["slices_per_s"] for r in records if r["kind"] == "train"][1:]
+  # The first logged interval holds the compilation (older trainers logged it, this one leaves
+  # the key out): dropped either way.
+  rates = [r["slices_per_s"] for r in records if r["kind"] == "train" and "slices_per_s" in r][1:]
   return {"method": args.method, "batch": args.batch, "size": args.size, "steps": args.steps,
           "slices_per_s": statistics.median(rates), "slices_per_s_all": rates, "wall_s": wall}
 

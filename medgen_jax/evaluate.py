@@ -5,7 +5,8 @@
 reads DIR/config.json, DIR/splits.json and DIR/normalizer.json, restores the selected checkpoint
 of each model (by the run's selection rule unless overridden; 'oracle' only where the run recorded
 held-out scores, i.e. was trained with eval.selection='oracle') and rewrites DIR/results.md,
-results.csv and results.json. Problems (no run, no checkpoint, missing data) are one line each.
+results.csv and results.json — or, under another rule than the run's, writes
+DIR/results_<rule>.{md,csv,json} and leaves results.* (what predict uses) as they are. Problems (no run, no checkpoint, missing data) are one line each.
 The evaluation library itself is medgen_jax/evaluation.py.
 """
 

@@ -134,6 +134,8 @@ class Prefetcher:
         return
       try:
         item = (True, self._make(i))
+      except StopIteration as e:  # re-raised by __next__ it would end the consumer's loop early
+        item = (False, RuntimeError(f"making item {i} raised StopIteration: {e}"))
       except BaseException as e:  # handed to the consumer, which re-raises it
         item = (False, e)
       while not self._stop.is_set():

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -52,8 +53,10 @@ class UsageError(ValueError):
   """A bad argument or input found before predicting: one line, exit status 2."""
 
 
-def find_inputs(path: Path) -> list[Path]:
-  """The NIfTI files that PATH names (see the module docstring)."""
+def find_inputs(path: Path, channel: int | None = None) -> list[Path]:
+  """The NIfTI files that PATH names (see the module docstring). In a folder of nnU-Net channel
+  files (`<case>_0000.nii.gz`, `<case>_0001...`) only the run's channel (`_{channel:04d}`, 0 by
+  default) is an input: the others are other channels of the same cases."""
   if not path.exists():
     raise UsageError(f"--input {path}: does not exist. Fix: give a .nii/.nii.gz file or a folder of them")
   if path.is_file():
@@ -66,6 +69,9 @@ def find_inputs(path: Path) -> list[Path]:
   images = [f for f in files if strip_nifti_suffix(f.name).lower().endswith("_image")]
   if images:
     return images  # a site folder of the `sites` layout
+  if files and all(re.search(r"_\d{4}$", strip_nifti_suffix(f.name)) for f in files):
+    wanted = f"_{channel or 0:04d}"
+    return [f for f in files if strip_nifti_suffix(f.name).endswith(wanted)]
   if not files:
     subfolders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     listed = ", ".join(subfolders[:5]) + (", ..." if len(subfolders) > 5 else "")
@@ -194,7 +200,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   workdir, out_dir = Path(args.workdir), Path(args.out)
   try:
-    inputs = find_inputs(Path(args.input))
+    saved_channel = check_run(workdir)["data"]["channel"]
+    channel = args.channel if args.channel is not None else (None if saved_channel < 0 else saved_channel)
+    inputs = find_inputs(Path(args.input), channel)
     if out_dir.exists() and not out_dir.is_dir():
       raise UsageError(f"--out {out_dir}: is a file, not a folder. Fix: give a folder (it is created)")
     outputs = [output_path(out_dir, f) for f in inputs]
@@ -207,11 +215,14 @@ def main(argv=None) -> int:
       more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
       raise UsageError(f"{existing[0]}{more}: already exists; predict never overwrites. "
                        "Fix: use another --out, or move the old outputs away")
-    saved_channel = check_run(workdir)["data"]["channel"]
-    channel = args.channel if args.channel is not None else (None if saved_channel < 0 else saved_channel)
     stored = [read_header(f, channel) for f in inputs]
     config, normalizer, models = load_run(workdir)
     trained = choose_model(models, args.model)
+    try:
+      out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise UsageError(f"--out {out_dir}: cannot be created ({e.strerror or e}). Fix: give a writable "
+                       "folder path") from None
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -219,7 +230,6 @@ def main(argv=None) -> int:
   from medgen_jax.inference import make_predict_fn, predict_volume
 
   predict_fn = make_predict_fn(trained.model)
-  out_dir.mkdir(parents=True, exist_ok=True)
   print(f"[predict] model {trained.name} of {workdir} (step {trained.step}, selection "
         f"{trained.selection}); {len(inputs)} volume(s) -> {out_dir}", flush=True)
   failed = 0

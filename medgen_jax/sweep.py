@@ -46,7 +46,6 @@ import numpy as np
 from medgen_jax.data.errors import DataError
 from medgen_jax.data.layouts import discover
 from medgen_jax.data.nifti import write_bytes_atomic
-from medgen_jax.data.synthesize import ensure_brain_sites
 from medgen_jax.report import mean_dice
 
 SELECTION_RULES = {"val": "best mean Dice on the source sites' validation cases",
@@ -138,11 +137,8 @@ def config_name(spec: str) -> str:
 
 def sites_of(config) -> list[str]:
   """The config's `data.sites` (checked to exist) or, when empty, every site of the dataset."""
-  root = Path(config.data.root)
-  if not root.exists() and config.data.synthesize.if_missing and root.name.startswith("brain-sites"):
-    ensure_brain_sites(root, sites=config.data.synthesize.sites,
-                       cases_per_site=config.data.synthesize.cases_per_site,
-                       seed=config.data.synthesize.seed)
+  from medgen_jax.data.pipeline import ensure_dataset  # imports JAX; keep `--help` fast
+  root = ensure_dataset(config.data)
   _, by_site, problems = discover(root, layout=config.data.layout, sites=list(config.data.sites) or None,
                                   channel=None if config.data.channel < 0 else config.data.channel,
                                   site_csv=config.data.msd.site_csv, site_pattern=config.data.msd.site_pattern)
@@ -313,6 +309,11 @@ def main(argv=None) -> int:
       failed.append((run, _one_line(e)))
       print(f"error: run {run.run_dir} failed: {_one_line(e)}", file=sys.stderr, flush=True)
       continue
+    except Exception as e:  # e.g. XLA out of memory: this run failed, the sweep goes on
+      failed.append((run, f"{type(e).__name__}: {_one_line(e)}"))
+      print(f"error: run {run.run_dir} failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr,
+            flush=True)
+      continue
     for method in dict.fromkeys(r["method"] for r in records):
       dice = unseen_dice([r for r in records if r["method"] == method], run.site)
       finished.append((name, method, run.site, run.seed, dice))
@@ -345,9 +346,14 @@ def main(argv=None) -> int:
     markdown = "# Leave-one-domain-out sweep\n\n" + "".join(f"- {n}\n" for n in notes) + f"\n{table}\n"
     buffer = io.StringIO()
     csv.writer(buffer).writerows([["config", "method", "held_out", "seed", "unseen_dice"]] + csv_rows)
-    write_bytes_atomic(workdir / "sweep.md", markdown.encode())
-    write_bytes_atomic(workdir / "sweep.csv", buffer.getvalue().encode())
     print(markdown)
+    try:
+      write_bytes_atomic(workdir / "sweep.md", markdown.encode())
+      write_bytes_atomic(workdir / "sweep.csv", buffer.getvalue().encode())
+    except OSError as e:
+      print(f"error: cannot write {workdir / 'sweep.md'} ({e.strerror or e}); the table is printed above",
+            file=sys.stderr)
+      return 1
   if failed:
     written = f"; the table of the {len(plan) - len(failed)} finished run(s) is in {workdir / 'sweep.md'}" \
               if finished else "; no run finished, so no table was written"

@@ -34,7 +34,8 @@ def main(argv) -> int:
 
 def run():
   from medgen_jax.train_lib import TrainingDivergedError
-  run_cli_main(main, usage=USAGE, required=("config", "workdir"), expected=(TrainingDivergedError,))
+  run_cli_main(main, usage=USAGE, required=("config", "workdir"), expected=(TrainingDivergedError,),
+               config_files=("config",))
 
 
 if __name__ == "__main__":

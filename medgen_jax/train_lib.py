@@ -143,7 +143,8 @@ def _save_run_files(config, data: PreparedData, workdir: Path) -> None:
     write_bytes_atomic(workdir / "normalizer.json", json.dumps(data.normalizer.to_dict(), indent=1).encode())
     info = {"layout": data.info.layout, "modality": data.info.modality,
             "labels": {str(k): v for k, v in sorted(data.info.labels.items())},
-            "num_classes": data.num_classes, "sources": data.sources, "held_out": data.held_out}
+            "num_classes": data.num_classes, "sources": data.sources, "held_out": data.held_out,
+            "cases": data.case_ids}
     write_bytes_atomic(workdir / "data_info.json", (json.dumps(info, indent=1) + "\n").encode())
   save_config(config, workdir)
   parallel.barrier("medgen_jax.train_lib:run_files")
@@ -281,13 +282,13 @@ class _Progress:
     if self.bar is not None:
       self.bar.update(1)
 
-  def log(self, done: int, loss: float, slices_per_s: float, steps_per_s: float) -> None:
+  def log(self, done: int, loss: float, steps_per_s: float | None, batch_size: int) -> None:
     if self.bar is not None:
       self.bar.set_postfix(loss=f"{loss:.3f}")
     elif self.main:
-      eta = _duration((self.total - done) / steps_per_s) if steps_per_s > 0 else "?"
-      print(f"[{self.name}] step {done}/{self.total}  loss {loss:.4f}  {slices_per_s:.1f} slices/s  "
-            f"ETA {eta}", flush=True)
+      speed = f"{steps_per_s * batch_size:.1f} slices/s  ETA {_duration((self.total - done) / steps_per_s)}" \
+          if steps_per_s else "(first steps: compiling)"
+      print(f"[{self.name}] step {done}/{self.total}  loss {loss:.4f}  {speed}", flush=True)
 
   def close(self) -> None:
     if self.bar is not None:
@@ -305,9 +306,11 @@ def train_one(config, data: PreparedData, *, name: str, sources: list[str], work
   state = template
   restored = ckpts.restore_latest(abstract_like(template))
   if restored is not None:
-    state, meta, _ = restored
-    sampler.load_state_dict(meta["sampler"])
+    state = restored[0]
   start = int(state.step)
+  # A batch is a pure function of (this process's seed, step): the step is the whole sampler
+  # state (the checkpoint's copy is process 0's, whose seed differs from the other processes').
+  sampler.step = start
   try:
     if start < config.num_steps:
       writer = MetricWriter(workdir, model=name, resume_step=start)
@@ -367,7 +370,7 @@ def _train_loop(config, data, parts: RunParts, state, sampler, ckpts, *, name, s
   def device_batch(step: int):
     return runner.put(sampler.batch_at(step)), jax.random.fold_in(base_key, step)
 
-  # Training time between two logs, without evaluation and saving (the throughput figure).
+  # Training time between two logs, without evaluation, saving and the first step (compilation).
   train_seconds, tic, logged_step = 0.0, time.perf_counter(), start
   try:
     with parallel.Prefetcher(device_batch, range(start, config.num_steps), size=2) as batches:
@@ -375,6 +378,9 @@ def _train_loop(config, data, parts: RunParts, state, sampler, ckpts, *, name, s
         replicated, metrics = runner.step_on_devices(replicated, batch, key)
         done = step + 1
         progress.step()
+        if step == start:  # leave the compilation out of the throughput figure (one sync, once)
+          jax.block_until_ready(replicated.first_bad_step)
+          tic, logged_step = time.perf_counter(), done
         is_log = done % config.log_every == 0 or done == config.num_steps
         is_eval = done % config.eval_every == 0 or done == config.num_steps
         is_save = is_eval or done % config.checkpoint.every == 0
@@ -384,10 +390,11 @@ def _train_loop(config, data, parts: RunParts, state, sampler, ckpts, *, name, s
         train_seconds += time.perf_counter() - tic
         if is_log:
           scalars = {k: v[0] for k, v in jax.device_get(metrics).items()}
-          steps_per_s = (done - logged_step) / max(train_seconds, 1e-9)
-          scalars["slices_per_s"] = steps_per_s * config.batch_size
+          steps_per_s = (done - logged_step) / train_seconds if done > logged_step else None
+          if steps_per_s is not None:
+            scalars["slices_per_s"] = steps_per_s * config.batch_size
           writer.write(done, "train", scalars)
-          progress.log(done, float(scalars["loss"]), scalars["slices_per_s"], steps_per_s)
+          progress.log(done, float(scalars["loss"]), steps_per_s, config.batch_size)
           train_seconds, logged_step = 0.0, done
         if is_save:
           host_state = runner.unreplicate(replicated)
@@ -427,8 +434,9 @@ def method_label(config, trained: TrainedModel) -> str:
   return base + (" [oracle]" if trained.selection == "oracle" else "")
 
 
-def evaluate_models(config, data: PreparedData, trained_models, workdir: Path) -> dict:
-  """Scores every trained model on the test cases of every site; writes results.*."""
+def evaluate_models(config, data: PreparedData, trained_models, workdir: Path, *,
+                    results_name: str = "results") -> dict:
+  """Scores every trained model on the test cases of every site; writes <results_name>.{md,csv,json}."""
   records = []
   for trained in trained_models:
     def role_of(site, trained=trained):
@@ -455,9 +463,9 @@ def evaluate_models(config, data: PreparedData, trained_models, workdir: Path) -
   markdown = report.markdown_report(records, sites=sites, class_names=class_names,
                                     title="medgen_jax results", notes=notes)
   if parallel.is_main_process():
-    write_bytes_atomic(workdir / "results.md", (markdown + "\n").encode())
-    write_bytes_atomic(workdir / "results.csv", report.records_csv(records).encode())
-    write_bytes_atomic(workdir / "results.json", json.dumps(
+    write_bytes_atomic(workdir / f"{results_name}.md", (markdown + "\n").encode())
+    write_bytes_atomic(workdir / f"{results_name}.csv", report.records_csv(records).encode())
+    write_bytes_atomic(workdir / f"{results_name}.json", json.dumps(
         {"selection": rules[0] if len(rules) == 1 else rules,
          "steps": {t.name: t.step for t in trained_models}, "records": records}, indent=1).encode())
   return {"records": records, "markdown": markdown}
@@ -470,7 +478,12 @@ def _model_runs(config, sources):
 
 
 def _check_protocol(config, data: PreparedData) -> None:
-  """Refuses a selection rule the data cannot honour; warns about sites without a test split."""
+  """Everything that can fail once the data is known, checked before the run claims its workdir:
+  a selection rule the data cannot honour, samplers (batch size vs sites and episodes), the
+  model's shape constraints. Warns about sites without a test split."""
+  for _, sources in _model_runs(config, data.sources):
+    make_sampler(config, data, sources)
+  init_run_parts(config, data.num_classes, abstract=True)
   if config.eval.selection == "val":
     for name, sources in _model_runs(config, data.sources):
       if not any(data.cases["val"].get(s) for s in sources):
@@ -517,7 +530,7 @@ def restore_models(config, workdir: Path, *, num_classes: int, sources: list[str
   for name, model_sources in _model_runs(config, sources):
     parts = init_run_parts(config, num_classes, abstract=True)
     ckpts = Checkpoints(workdir / name / "checkpoints", keep=config.checkpoint.keep,
-                        selection_key=selection_key(config.eval.selection))
+                        selection_key=selection_key(config.eval.selection), read_only=True)
     try:
       state, step = restore_selected(ckpts, parts.state, selection=config.eval.selection, name=name,
                                      workdir=workdir)
@@ -530,14 +543,18 @@ def restore_models(config, workdir: Path, *, num_classes: int, sources: list[str
 
 
 def evaluate_run(config, workdir: str | Path) -> dict:
-  """Re-evaluates a run from its checkpoints, split and normalizer (no training step)."""
+  """Re-evaluates a run from its checkpoints, split and normalizer (no training step). Under the
+  run's own selection rule it rewrites results.*; under another (`config.eval.selection` changed)
+  it writes results_<rule>.*, so results.md keeps describing what predict uses."""
   workdir = Path(workdir)
   if not (workdir / "splits.json").is_file():
     raise ValueError(f"{workdir}: no splits.json (the run never started). Fix: train first "
                      f"(python -m medgen_jax.train --workdir {workdir} ...)")
   data = prepare_data(config.data, run_dir=workdir, build_train=False)
   trained = restore_models(config, workdir, num_classes=data.num_classes, sources=data.sources)
-  return evaluate_models(config, data, trained, workdir)
+  own_rule = load_run_config(workdir).eval.selection
+  name = "results" if config.eval.selection == own_rule else f"results_{config.eval.selection}"
+  return evaluate_models(config, data, trained, workdir, results_name=name)
 
 
 def load_trained_models(workdir: str | Path, *, selection: str | None = None):

@@ -211,6 +211,8 @@ def bad_inputs(base: Path, root: Path, workdir: Path):
        f"error: --workdir {base / 'unfinished'}: the run has not finished (no results.json)"),
       ("out is a file", ["--workdir", str(workdir), "--input", image, "--out", str(base / "a_file")],
        f"error: --out {base / 'a_file'}: is a file, not a folder."),
+      ("out under a file", ["--workdir", str(workdir), "--input", image, "--out", str(base / "a_file" / "o")],
+       f"error: --out {base / 'a_file' / 'o'}: cannot be created ("),
   ]
 
 
@@ -228,8 +230,16 @@ def test_cli_error_has_no_traceback(tmp_path):
                          "--input", str(tmp_path / "missing.nii"), "--out", str(tmp_path / "o")],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert done.returncode == 2
-  assert done.stderr == (f"error: --input {tmp_path / 'missing.nii'}: does not exist. Fix: give a "
-                         ".nii/.nii.gz file or a folder of them\n")
+  assert done.stderr == (f"error: {tmp_path / 'config.json'}: no saved run here. Fix: give the --workdir "
+                         "of a run made by python -m medgen_jax.train\n")
+
+
+def test_nnunet_channel_files_are_one_input_per_case(tmp_path):
+  for case in ("a", "b"):
+    for channel in range(2):
+      write_nii(tmp_path / f"{case}_{channel:04d}.nii.gz", np.zeros((4, 4, 4), np.float32))
+  assert [p.name for p in predict.find_inputs(tmp_path)] == ["a_0000.nii.gz", "b_0000.nii.gz"]
+  assert [p.name for p in predict.find_inputs(tmp_path, 1)] == ["a_0001.nii.gz", "b_0001.nii.gz"]
 
 
 def test_choose_model_by_name():

@@ -170,6 +170,13 @@ def test_prepare_data_fits_normalizer_on_training_cases_only(tmp_path):
   assert again.protocol == data.protocol
 
 
+def dict_config(config, **changes):
+  config = config.copy_and_resolve_references()
+  for key, value in changes.items():
+    config[key] = value
+  return config
+
+
 def test_resumed_run_reuses_its_split_and_normalizer_and_refuses_changed_data(tmp_path):
   root = make_sites_dataset(tmp_path / "ds", sites=("A", "B", "C"), cases=5)
   config = default_data_config()
@@ -185,6 +192,8 @@ def test_resumed_run_reuses_its_split_and_normalizer_and_refuses_changed_data(tm
     ids = sorted(c for name in by_split for c in by_split[name])
     split[site] = {"train": ids[:2], "val": ids[2:4], "test": ids[4:]}
   save_splits(run / "splits.json", split)
+  (run / "data_info.json").write_text(json.dumps({"cases": {s: sorted(c for n in b for c in b[n])
+                                                            for s, b in first.splits.items()}}))
   landmarks = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
   (run / "normalizer.json").write_text(json.dumps(dict(first.normalizer.to_dict(), landmarks=landmarks)))
   resumed = prepare_data(config, run_dir=run, progress=None, build_train=False)
@@ -194,8 +203,14 @@ def test_resumed_run_reuses_its_split_and_normalizer_and_refuses_changed_data(tm
   image, label = toy_case(np.random.default_rng(9))
   write_nii(root / "A" / "case9_image.nii.gz", image)
   write_nii(root / "A" / "case9_label.nii.gz", label)
-  with pytest.raises(DataError, match=r"run/splits.json: site 'A' now holds case\(s\) \['case9'\]"):
+  with pytest.raises(DataError, match=r"run/data_info.json: site 'A' now holds case\(s\) \['case9'\]"):
     prepare_data(config, run_dir=run, progress=None, build_train=False)
+  # ... and so is a site that disappeared.
+  import shutil
+  shutil.move(str(root / "C"), str(tmp_path / "C-away"))
+  with pytest.raises(DataError, match=r"site 'C' of this run is gone"):
+    prepare_data(dict_config(config, held_out=()), run_dir=run, progress=None, build_train=False)
+  shutil.move(str(tmp_path / "C-away"), str(root / "C"))
   # Other normalization settings than the run's: refused too.
   (root / "A" / "case9_image.nii.gz").unlink()
   (root / "A" / "case9_label.nii.gz").unlink()

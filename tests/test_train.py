@@ -231,6 +231,7 @@ def test_cli_end_to_end_and_unknown_key(dataset, tmp_path):
                              timeout=300)
   assert evaluated.returncode == 0, evaluated.stderr
   assert "selection rule: last checkpoint" in evaluated.stdout
+  assert (tmp_path / "run" / "results_last.md").is_file()  # results.md keeps the run's own rule
 
 
 def test_bfloat16_step_matches_the_float32_step():
@@ -383,9 +384,10 @@ def test_cli_expected_failures_are_one_line(dataset, finished_run, tmp_path):
                             "--workdir", str(a_file)))
   checks.append(_run_module("medgen_jax.train", "--workdir", str(tmp_path / "w")))
   checks.append(_run_module("medgen_jax.train", "--config", str(REPO / "configs" / "quickstart.py")))
+  checks.append(_run_module("medgen_jax.train", "--config", str(tmp_path / "none.py"), "--workdir", str(tmp_path / "w")))
   expected = ["recorded oracle_dice", f"{moved}: dataset folder does not exist", "has no checkpoint",
               "no run was started here", "--workdir is required", "is a file, not a folder",
-              "--config is required", "--workdir is required"]
+              "--config is required", "--workdir is required", "none.py does not exist"]
   for done, text in zip(checks, expected):
     assert done.returncode in (1, 2), done.stderr
     assert "Traceback" not in done.stderr, done.stderr
@@ -444,3 +446,72 @@ def test_only_process_zero_generates_data_and_writes_run_files(dataset, tmp_path
   with pytest.raises(Exception):
     pipeline.prepare_data(config.data, progress=None)
   assert len(calls) == 1
+
+
+def _tiny_state():
+  config = base_config()
+  tx = make_optimizer(config.optimizer, num_steps=10)
+  return create_train_state(0, UNet(4, base_features=4, depth=2), tx, input_shape=(1, 16, 16, 1))
+
+
+def test_checkpoints_keep_the_best_of_each_recorded_metric_and_survive_torn_metrics(tmp_path):
+  state = jax.device_get(_tiny_state())
+  ckpts = Checkpoints(tmp_path / "ck", keep=1, selection_key="oracle_dice")
+  scores = {1: (0.9, 0.1), 2: (0.1, 0.9), 3: (0.2, 0.2), 4: (0.3, 0.3)}  # step: (val, oracle)
+  for step, (val, oracle) in scores.items():
+    ckpts.save(step, state, meta={}, metrics={"val_dice": val, "oracle_dice": oracle})
+  ckpts.wait()
+  assert ckpts.steps() == [1, 2, 4]  # latest, best oracle (training rule) and best val
+  assert ckpts.best_step() == 2
+  ckpts.close()
+  assert Checkpoints(tmp_path / "ck", selection_key="val_dice", read_only=True).best_step() == 1
+  # A torn metrics file: read-only users get one line naming it; training moves the step aside.
+  (tmp_path / "ck" / "4" / "metrics" / "metrics").write_text('{"val_dice": 0.')
+  with pytest.raises(ValueError, match=r"ck/4: its metrics file .* is unreadable.*Fix: move that step"):
+    Checkpoints(tmp_path / "ck", read_only=True)
+  with pytest.warns(CheckpointWarning, match=r"ck/4 cannot be read.*moved to .*4.corrupt"):
+    reopened = Checkpoints(tmp_path / "ck")
+  assert reopened.steps() == [1, 2]
+
+
+def test_a_checkpoint_of_another_structure_is_refused_not_moved(tmp_path):
+  state = jax.device_get(_tiny_state())
+  ckpts = Checkpoints(tmp_path / "ck")
+  ckpts.save(1, {"params": state.params}, meta={})
+  ckpts.wait()
+  with pytest.raises(ValueError, match="another structure.*Fix: use the medgen_jax version"):
+    ckpts.restore_latest(abstract_like(state))
+  assert (tmp_path / "ck" / "1").is_dir() and not (tmp_path / "ck" / "1.corrupt").exists()
+
+
+def test_non_finite_batchnorm_statistics_are_flagged():
+  from medgen_jax.methods.deepall import finish_step
+  config = base_config()
+  tx = make_optimizer(config.optimizer, num_steps=10)
+  state = _tiny_state()
+  grads = jax.tree.map(jax.numpy.zeros_like, state.params)
+  bad_stats = jax.tree.map(lambda x: x * np.inf, state.batch_stats)
+  new, _ = finish_step(state, tx, grads, {"loss": jax.numpy.float32(0.5)}, bad_stats, axis_name=None,
+                       bn_sync=True)
+  assert int(new.first_bad_step) == 1
+
+
+def test_prefetcher_keeps_order_and_reraises_errors_in_place():
+  def make(i):
+    if i == 3:
+      raise StopIteration("ends a zip() silently if re-raised as is")
+    return i * 10
+  got = []
+  with pytest.raises(RuntimeError, match="item 3 raised StopIteration"):
+    with parallel.Prefetcher(make, range(6), size=2) as items:
+      for i, item in zip(range(6), items):
+        got.append(item)
+  assert got == [0, 10, 20]
+
+
+def test_sampler_or_model_errors_do_not_claim_the_workdir(dataset, tmp_path):
+  # An episode of 3 domains from 2 source sites: the sampler refuses it before config.json exists.
+  config = tiny_config(dataset, method="mldg", batch_size=12)
+  with pytest.raises(Exception, match="at most 2 source sites"):
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run" / "config.json").exists()

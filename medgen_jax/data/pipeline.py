@@ -5,8 +5,8 @@
    (process 0 only; the other processes wait for it);
 2. loads and validates every case of the source and held-out sites (`load_dataset`);
 3. reads the split: the run's own `run_dir/splits.json` when resuming a run (the data must still
-   hold exactly its cases, else a DataError says what changed), else `split_file`, else makes
-   one (`make_splits`);
+   hold exactly the sites and cases listed in `run_dir/data_info.json` when the run started, else
+   a DataError says what changed), else `split_file`, else makes one (`make_splits`);
 4. fits the normalizer on the *training cases of the source sites only* (histogram landmarks
    never see a validation, test or held-out volume), or, when resuming, reads the run's
    `run_dir/normalizer.json` instead of refitting;
@@ -30,7 +30,7 @@ from medgen_jax.data.layouts import DatasetInfo
 from medgen_jax.data.loading import Case, load_dataset
 from medgen_jax.data.normalize import Normalizer, make_normalizer
 from medgen_jax.data.sampler import SliceCache, build_slice_cache
-from medgen_jax.data.splits import (check_splits_cover_cases, check_splits_match_cases, load_splits,
+from medgen_jax.data.splits import (check_same_cases, check_splits_match_cases, load_splits,
                                     make_splits, protocol_cases)
 from medgen_jax.data.synthesize import ensure_brain_sites
 
@@ -76,6 +76,7 @@ class PreparedData:
   normalizer: Normalizer
   train: SliceCache | None                   # None when built without the training cache
   cases: dict[str, dict[str, list[Case]]]    # split -> site -> whole volumes
+  case_ids: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # every loaded case, per site
 
   @property
   def num_classes(self) -> int:
@@ -102,10 +103,9 @@ def load_run_normalizer(path: Path, config_normalization: ml_collections.ConfigD
   return saved
 
 
-def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | None = None,
-                 build_train: bool = True, progress=print) -> PreparedData:
-  """See the module docstring. `run_dir`: a run folder whose splits.json / normalizer.json,
-  when present, are reused instead of recomputed."""
+def ensure_dataset(config: ml_collections.ConfigDict, *, progress=print) -> Path:
+  """`config.root`, after generating the brain-sites benchmark there if it is missing and
+  `synthesize.if_missing` (process 0 generates; the other processes wait for it)."""
   root = Path(config.root)
   if parallel.is_main_process() and not root.exists() and config.synthesize.if_missing \
       and root.name.startswith("brain-sites"):
@@ -113,6 +113,14 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
                        cases_per_site=config.synthesize.cases_per_site,
                        seed=config.synthesize.seed, progress=progress)
   parallel.barrier("medgen_jax.prepare_data:dataset")
+  return root
+
+
+def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | None = None,
+                 build_train: bool = True, progress=print) -> PreparedData:
+  """See the module docstring. `run_dir`: a run folder whose splits.json / normalizer.json,
+  when present, are reused instead of recomputed."""
+  root = ensure_dataset(config, progress=progress)
   held_out = list(config.held_out)
   requested = list(config.sites) + [s for s in held_out if s not in config.sites] if config.sites else None
   info, cases_by_site = load_dataset(root, layout=config.layout, sites=requested,
@@ -131,10 +139,13 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
   domain_ids = {s: i for i, s in enumerate(all_sites)}
   case_ids = {s: [c.case_id for c in cases] for s, cases in cases_by_site.items()}
 
+  run_info = Path(run_dir) / "data_info.json" if run_dir is not None else None
+  if run_info is not None and run_info.is_file():
+    check_same_cases(json.loads(run_info.read_text()).get("cases", case_ids), case_ids, source=str(run_info))
   run_splits = Path(run_dir) / "splits.json" if run_dir is not None else None
   if run_splits is not None and run_splits.is_file():
     splits = load_splits(run_splits)
-    check_splits_cover_cases(splits, case_ids, source=str(run_splits))
+    check_splits_match_cases(splits, case_ids, source=str(run_splits))
     if config.split_file and load_splits(config.split_file) != splits:
       raise DataError.single(config.split_file, f"differs from the split this run started with ({run_splits})",
                              "restore the split file, or train again in a new --workdir")
@@ -166,4 +177,5 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
                               in_plane_spacing=tuple(config.in_plane_spacing) or None,
                               context_slices=config.context_slices, cache_dtype=config.cache_dtype,
                               slices=config.slices, bias_correction=config.bias_correction)
-  return PreparedData(info, sources, held_out, domain_ids, splits, protocol, normalizer, train, cases)
+  return PreparedData(info, sources, held_out, domain_ids, splits, protocol, normalizer, train, cases,
+                      case_ids)

@@ -114,20 +114,25 @@ def check_splits_match_cases(splits: Splits, case_ids_by_site: Mapping[str, Sequ
     raise DataError(problems)
 
 
-def check_splits_cover_cases(splits: Splits, case_ids_by_site: Mapping[str, Sequence[str]], *,
-                             source: str) -> None:
-  """A run's own split must still describe the data exactly: every case of every loaded site
-  listed, and nothing listed that is gone. Used when a run resumes (or is evaluated), so that
-  cases added or removed since it started are refused instead of silently re-split."""
-  check_splits_match_cases(splits, case_ids_by_site, source=source)
+def check_same_cases(started_with: Mapping[str, Sequence[str]], case_ids_by_site: Mapping[str, Sequence[str]],
+                     *, source: str) -> None:
+  """The data of a resumed (or re-evaluated) run must hold the cases it started with: a site or
+  case added or removed since then is refused instead of silently changing the experiment."""
   problems = []
-  for site, ids in case_ids_by_site.items():
-    listed = {c for name in SPLIT_NAMES for c in splits.get(site, {}).get(name, [])}
-    added = sorted(set(ids) - listed)
-    if added:
-      problems.append(Problem(source, f"site {site!r} now holds case(s) {added} that this run's split "
-                              "does not list (the data changed since the run started)",
-                              "restore the dataset as it was, or train again in a new --workdir"))
+  fix = "restore the dataset as it was, or train again in a new --workdir"
+  for site in sorted(set(started_with) | set(case_ids_by_site)):
+    before, now = set(started_with.get(site, ())), set(case_ids_by_site.get(site, ()))
+    if site not in case_ids_by_site:
+      problems.append(Problem(source, f"site {site!r} of this run is gone from the data", fix))
+    elif site not in started_with:
+      problems.append(Problem(source, f"site {site!r} was added to the data since this run started", fix))
+    else:
+      if now - before:
+        problems.append(Problem(source, f"site {site!r} now holds case(s) {sorted(now - before)} that were "
+                                "not there when this run started", fix))
+      if before - now:
+        problems.append(Problem(source, f"site {site!r} lost case(s) {sorted(before - now)} since this run "
+                                "started", fix))
   if problems:
     raise DataError(problems)
 

@@ -52,8 +52,9 @@ def finish_step(state: TrainState, tx, grads, metrics, batch_stats, *, axis_name
   `tx` applies `grads`; with `task_tx`, a second optimizer (state `task_opt_state`) applies
   `task_grads` to the same parameters and the two updates are summed, as when TF ran two train
   ops in one `session.run` (MASF/SAML as released). `metric_tx` updates the metric network.
-  The step also records in `first_bad_step` the first step whose loss, gradient norm or new
-  parameters are not finite (the trainer's divergence guard; nothing is skipped here).
+  The step also records in `first_bad_step` the first step whose loss, gradient norm, new
+  parameters or BatchNorm statistics are not finite (the trainer's divergence guard; nothing is
+  skipped here).
   """
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
@@ -78,7 +79,7 @@ def finish_step(state: TrainState, tx, grads, metrics, batch_stats, *, axis_name
   if dice is not None:
     metrics.update({f"dice_{c}": dice[c] for c in range(dice.shape[0])})
   new = new.replace(step=state.step + 1, params=params, batch_stats=batch_stats)
-  checked = [metrics["loss"], grad_norm, optax.tree.norm(params)]
+  checked = [metrics["loss"], grad_norm, optax.tree.norm(params), optax.tree.norm(batch_stats)]
   if metric_grads is not None:
     metric_updates, metric_opt_state = metric_tx.update(metric_grads, state.metric_opt_state,
                                                         state.metric_params)
