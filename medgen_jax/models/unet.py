@@ -8,16 +8,23 @@ Encoder blocks of `base_features · 2^level` channels (16-32-64-128 by default),
 
 Four layers are written in an equivalent form that XLA:CPU runs much faster, without changing
 what the model computes (`fast_ops=True`; `False` gives the textbook flax layers, for the
-benchmark):
+benchmark). Both variants have the same parameter tree except the head kernel ([C, K] here,
+[1, 1, C, K] for the 1×1 nn.Conv), and compute the same function (tests/test_ops.py):
 * 3×3 convolutions through models/ops.conv_same, whose second derivatives stay standard
   convolutions (meta-learning's gradient-of-gradient otherwise hits non-canonical layouts);
 * 2×2/stride-2 transposed conv = a per-pixel matmul to 4·C_out channels + depth-to-space: the
-  windows do not overlap, so out[2i+a, 2j+b, o] = b_o + Σ_c x[i, j, c]·K[a, b, c, o] exactly.
+  windows do not overlap, so out[2i+a, 2j+b, o] = b_o + Σ_c x[i, j, c]·K[1-a, 1-b, c, o] exactly,
+  which is nn.ConvTranspose(features, (2, 2), strides=(2, 2)) with the same kernel (lax's
+  transposed conv without `transpose_kernel` does not flip the kernel, hence the 1-a, 1-b).
   XLA:CPU's weight gradient of the transposed conv was ~30 % of the step.
 * 2×2 max-pool as a reshape + max (same values; ties only occur at ReLU zeros, where the
   gradient is zero either way).
 * the 1×1 head as a Dense on the channel axis: a second-order gradient through a 1×1 conv lowers
   to a huge padded convolution on XLA:CPU (the meta-learning trap).
+
+Every derivative works with either variant, forward mode included (jax.jvp, jax.jacfwd,
+jax.hessian): conv_same is a pair of bilinear JAX primitives with their own transposes, not a
+custom_vjp (see models/ops.py).
 """
 
 from __future__ import annotations
@@ -26,11 +33,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from medgen_jax.models.norms import make_norm
-from medgen_jax.models.ops import conv_same
+from medgen_jax.models.ops import check_odd_kernel, conv_same
 
 
 class UpConv2x2(nn.Module):
-  """Transposed convolution, kernel 2, stride 2, as matmul + depth-to-space."""
+  """nn.ConvTranspose(features, (2, 2), strides=(2, 2)) as matmul + depth-to-space.
+
+  Same parameters (kernel [2, 2, C, features], bias [features]) and the same function: lax's
+  transposed convolution (transpose_kernel=False) correlates the stride-dilated input with the
+  unflipped kernel, so output pixel (2i+a, 2j+b) sees kernel tap (1-a, 1-b); the einsum reads the
+  kernel rotated by 180° to match (a reverse of a 2×2×C×O array: free)."""
 
   features: int
   dtype: jnp.dtype = jnp.float32
@@ -41,13 +53,14 @@ class UpConv2x2(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     b, h, w, _ = x.shape
-    y = jnp.einsum("nhwc,abco->nhawbo", x, kernel)
+    y = jnp.einsum("nhwc,abco->nhawbo", x, kernel[::-1, ::-1])
     return y.reshape(b, 2 * h, 2 * w, self.features) + bias
 
 
 class ConvSame(nn.Module):
-  """3x3 'SAME' convolution without bias, as nn.Conv, through models/ops.conv_same (whose
-  second derivatives stay standard convolutions)."""
+  """nn.Conv(features, (k, k), padding="SAME", use_bias=False) through models/ops.conv_same,
+  whose derivatives of every order stay standard convolutions. `kernel_size` must be odd: an
+  even one raises a ValueError (see models/ops.check_odd_kernel) before any parameter is made."""
 
   features: int
   kernel_size: int = 3
@@ -56,12 +69,16 @@ class ConvSame(nn.Module):
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
+    check_odd_kernel((k, k, x.shape[-1], self.features))
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
     return conv_same(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 def max_pool_2x2(x):
+  """nn.max_pool(x, (2, 2), strides=(2, 2)) (padding 'VALID': an odd last row/column is
+  dropped) as a reshape + max over the non-overlapping windows."""
   b, h, w, c = x.shape
+  x = x[:, :h - h % 2, :w - w % 2]
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
