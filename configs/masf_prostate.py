@@ -3,8 +3,13 @@
     python -m medgen_jax.train --config configs/masf_prostate.py --workdir runs/masf_prostate \
         --config.data.root=/path/to/Processed_data_nii --config.data.held_out='("BIDMC",)'
 
-β1 = 1 (global alignment, τ = 2), β2 = 0.005 (semi-hard triplet, margin 10). Data as
-configs/deepall_prostate.py. Numbers: none (data not downloadable here; exercised by the tests).
+β1 = 1 (global alignment, τ = 2), β2 = 0.005 (semi-hard triplet, margin 10). Optimizers as
+released (`meta.optimizers='released'`, methods.md §3.7): Adam(outer_lr = optimizer.learning_rate)
+on the meta-train task loss plus a second Adam(outer_lr) on the meta objective with each gradient
+tensor clipped at norm 2.0 (`meta.outer_clip`), the two updates summed; the inner gradient is
+clipped per tensor at 2.0 as well (`meta.clip`). Exact second-order meta-gradient (the released
+code is first order: `--config.meta.first_order=True`). Data as configs/deepall_prostate.py.
+Numbers: none (data not downloadable here; exercised by the tests).
 """
 
 from medgen_jax.config import base_config, prostate6
@@ -15,5 +20,7 @@ def get_config():
   config.method = "masf"
   config.batch_size = 15
   config.meta.inner_lr = 1e-4
-  config.meta.clip = 10.0
+  config.meta.clip = 2.0                  # inner gradient, per tensor, as released
+  config.meta.optimizers = "released"     # task Adam + meta Adam, both at optimizer.learning_rate
+  config.meta.outer_clip = 2.0            # meta gradient, per tensor, as released
   return config

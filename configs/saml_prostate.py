@@ -4,10 +4,15 @@
         --config.data.root=/path/to/Processed_data_nii --config.data.held_out='("BIDMC",)'
 
 Released-code defaults: 2 meta-train + 1 meta-test of the 5 sources, 5 slices per domain, Dice-B
-only as the segmentation loss, inner lr 1e-4 with per-tensor clip 10, outer Adam 1e-3, metric
-Adam 1e-3, compactness weight 1.0 (perimeter × 0.01, summed over the batch), smoothness weight
-0.005 (semi-hard triplet, margin 10), 10k steps. Exact second-order meta-gradient (the released
-code is first order: `--config.meta.first_order=True`).
+only as the segmentation loss, inner lr 1e-4 with per-tensor clip 10, compactness weight 1.0
+(perimeter × 0.01, summed over the batch), smoothness weight 0.005 (semi-hard triplet, margin 10),
+10k steps. Optimizers as released (`meta.optimizers='released'`): Adam 1e-4 on the meta-train
+task loss (`meta.task_learning_rate`) plus Adam 1e-3 on the meta objective with each gradient
+tensor clipped at norm 10 (`meta.outer_clip`), both gradients at the same θ and the two updates
+summed; metric net Adam 1e-3. `--config.meta.optimizers=summed --config.meta.outer_clip=0` gives
+one Adam on the summed objective. Exact second-order meta-gradient (the released code is first
+order: `--config.meta.first_order=True`). BN statistics over the whole meta-train batch (the
+released code's are per domain: `--config.meta.per_domain_bn=True`).
 
 Numbers: none (the prostate data cannot be downloaded here; exercised by the test suite).
 """
@@ -24,6 +29,9 @@ def get_config():
   config.loss.weight_decay = 0.0
   config.meta.inner_lr = 1e-4
   config.meta.clip = 10.0
-  config.optimizer.learning_rate = 1e-3
+  config.meta.optimizers = "released"
+  config.meta.task_learning_rate = 1e-4   # Adam on the meta-train task loss
+  config.optimizer.learning_rate = 1e-3   # Adam on the meta objective ...
+  config.meta.outer_clip = 10.0           # ... its gradient clipped per tensor at 10
   config.saml.metric_lr = 1e-3
   return config

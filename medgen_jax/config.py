@@ -59,7 +59,15 @@ def base_config() -> ml_collections.ConfigDict:
       "inner_lr": 1e-3,           # α of θ' = θ − α·clip(∇L_tr)
       "beta": 1.0,                # MLDG's weight of the meta-test loss
       "first_order": False,       # True: stop the gradient through the inner gradient
-      "clip": 0.0})               # per-tensor norm clip of the inner gradient (0 = off)
+      "clip": 0.0,                # per-tensor norm clip of the inner gradient (0 = off)
+      # How θ's two gradients (task ∇L_tr(θ), meta ∇_θ outer(θ')) are applied (methods/episodic.py):
+      # summed: one optimizer on their sum | released (MASF, SAML as released): config.optimizer
+      # on the clipped meta gradient + a task optimizer (same kind, task_learning_rate) on the task
+      # gradient, updates summed.
+      "optimizers": "summed",
+      "task_learning_rate": 0.0,  # released: the task optimizer's rate (0 = optimizer.learning_rate)
+      "outer_clip": 0.0,          # per-tensor norm clip of the meta gradient (0 = off)
+      "per_domain_bn": False})    # True: BN statistics per domain in every forward pass (TF code)
   c.masf = ml_collections.ConfigDict({
       "global_weight": 1.0, "local_weight": 0.005, "temperature": 2.0,
       "alignment_variant": "talk",  # talk | masf_code
@@ -144,3 +152,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.batch_size % groups:
       fail("batch_size", f"{config.batch_size} is not a multiple of the {groups} domains of an episode "
            "(meta.meta_train_domains + meta.meta_test_domains)")
+    if config.meta.outer_clip < 0 or config.meta.task_learning_rate < 0:
+      fail("meta", "outer_clip and task_learning_rate must be >= 0 (0: off / optimizer.learning_rate)")
+  if config.meta.optimizers not in ("summed", "released"):
+    fail("meta.optimizers", f"unknown mode {config.meta.optimizers!r}; use summed | released")
+  if config.meta.optimizers == "released" and config.method not in ("masf", "saml"):
+    fail("meta.optimizers", f"'released' (a separate task optimizer, as MASF's and SAML's code) does "
+         f"not exist for method {config.method!r}: use 'summed'")

@@ -18,14 +18,26 @@ semantics (g · c / max(‖g‖, c)), as in the MASF and SAML code — not optax
 Everything here works for any params pytree and any `loss_fn(params, batch)`: no medgen_jax model
 is involved.
 
-BatchNorm in the inner loop (what medgen_jax's methods do, and why): every forward pass runs in
-training mode and normalizes with the statistics of its own batch — the meta-train pass at θ with
-the meta-train batch's, the meta-test pass at θ' with the meta-test batch's. So the adapted model
-is evaluated on the unseen domain with that domain's own statistics, as in the TF1 code, which
-called the network separately per domain. BN scale/offset are ordinary parameters and are adapted
-like the others. The running averages kept for inference are updated from the meta-train pass at
-θ only; the meta-test pass's update is discarded, so the held-out role of a domain never leaks
-into the stored statistics through θ' (use `has_aux=True` to receive both and decide otherwise).
+Data parallelism: with `axis_name` the inner gradient is averaged over the data-parallel axis
+(the global batch's), and batch-level sums inside the losses are `losses.global_sum` (a sum of an
+`all_gather`), whose derivatives of every order are the global batch's. So the second-order
+meta-gradient of a pmapped step on N devices equals the one-device one on the same global batch
+(to float32 round-off; tests/test_meta_methods.py checks it against the Hessian term's size).
+
+BatchNorm policy (what medgen_jax's methods do). Every forward pass runs in training mode and
+normalizes with the statistics of its own batch: the meta-train pass at θ with the meta-train
+batch's, the meta-test pass(es) at θ' with the meta-test batch's. By default the meta-train
+domains share ONE BN batch: the meta-train batch (its domains interleaved) goes through the
+network in one forward pass, so BN normalizes them with their joint statistics. The TF1 code of
+MASF and SAML called the network once per domain batch instead, i.e. BN statistics per domain
+(methods.md §1.8). `meta.per_domain_bn=True` does that here (methods/episodic.py `apply_model`):
+each group's forward pass vmaps the network over its domains, so BatchNorm normalizes every
+domain with its own statistics (synchronized over devices per domain under pmap); the running
+averages are then updated with the mean over domains of the per-domain statistics. BN scale and
+offset are ordinary parameters and are adapted like the others. The running averages kept for
+inference are updated from the meta-train pass at θ only; the passes at θ' discard theirs, so the
+held-out role of a domain never leaks into the stored statistics through θ' (use `has_aux=True`
+to receive both and decide otherwise).
 """
 
 from __future__ import annotations
@@ -51,8 +63,10 @@ def inner_update(grads, params, *, inner_lr: float, clip: float | None = None):
 
 def adapt(loss_fn: Callable, params, batch, *, inner_lr: float, first_order: bool = False,
           clip: float | None = None, has_aux: bool = False, axis_name: str | None = None):
-  """One inner step: returns (θ', L(θ), aux). With `axis_name` the inner gradient is averaged over
-  the data-parallel axis, i.e. it is the gradient on the global batch."""
+  """One inner step: returns (θ', L(θ), g, aux) with g = ∇_θ L(θ), the inner gradient before
+  clipping (the task gradient of MASF/SAML's task optimizer; differentiable unless
+  `first_order`, so a caller that returns it as a value should stop its gradient). With
+  `axis_name` g is averaged over the data-parallel axis, i.e. it is the global batch's gradient."""
   if has_aux:
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
   else:
@@ -61,7 +75,7 @@ def adapt(loss_fn: Callable, params, batch, *, inner_lr: float, first_order: boo
     grads = jax.lax.pmean(grads, axis_name)
   if first_order:
     grads = jax.lax.stop_gradient(grads)
-  return inner_update(grads, params, inner_lr=inner_lr, clip=clip), loss, aux
+  return inner_update(grads, params, inner_lr=inner_lr, clip=clip), loss, grads, aux
 
 
 def mldg_objective(loss_fn: Callable, params, meta_train, meta_test, *, inner_lr: float,
@@ -73,9 +87,9 @@ def mldg_objective(loss_fn: Callable, params, meta_train, meta_test, *, inner_lr
   this returns `(objective, {'meta_train': aux_tr, 'meta_test': aux_te, 'loss_meta_train': L_tr,
   'loss_meta_test': L_te})`. `axis_name`: see `adapt`.
   """
-  adapted, loss_tr, aux_tr = adapt(loss_fn, params, meta_train, inner_lr=inner_lr,
-                                   first_order=first_order, clip=clip, has_aux=has_aux,
-                                   axis_name=axis_name)
+  adapted, loss_tr, _, aux_tr = adapt(loss_fn, params, meta_train, inner_lr=inner_lr,
+                                      first_order=first_order, clip=clip, has_aux=has_aux,
+                                      axis_name=axis_name)
   if has_aux:
     loss_te, aux_te = loss_fn(adapted, meta_test)
     return loss_tr + beta * loss_te, {"meta_train": aux_tr, "meta_test": aux_te,

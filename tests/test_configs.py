@@ -9,6 +9,7 @@ import pytest
 from helpers import write_nii
 from medgen_jax import config as config_lib
 from medgen_jax import train_lib
+from medgen_jax.methods import episodic
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
@@ -24,6 +25,8 @@ def test_config_loads_validates_and_documents_its_command(path):
   assert "python " in doc, f"{path.name}: docstring must give its command"
   if "method" in config:  # experiment configs (data_brain_sites.py is the data block only)
     config_lib.validate(config)
+    if config.meta.optimizers == "released":  # the docstring says which optimizers run
+      assert "meta.optimizers='released'" in doc and "outer_clip" in doc, path.name
     config.lock()
     with pytest.raises(AttributeError, match="Did you mean"):
       config.num_step = 3
@@ -53,3 +56,29 @@ def test_prostate_config_trains_on_a_synthetic_prostate6_folder(tmp_path):
   result = train_lib.train_and_evaluate(config, tmp_path / "run")
   assert {r["site"] for r in result["records"]} == {"BIDMC", "HK", "UCL"}
   assert all(r["role"] == "unseen" for r in result["records"] if r["site"] == "BIDMC")
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name,task_lr,lr,outer_clip,inner_clip", [
+    ("saml_prostate", 1e-4, 1e-3, 10.0, 10.0),   # SAML code: Adam 1e-4 (task) + Adam 1e-3 (meta), clip 10
+    ("masf_prostate", 1e-3, 1e-3, 2.0, 2.0),     # MASF code: Adam(outer_lr) twice, clip 2
+    ("masf_brain", 1e-3, 1e-3, 2.0, 2.0)])
+def test_masf_and_saml_configs_use_the_released_optimizers(name, task_lr, lr, outer_clip, inner_clip):
+  config = load(CONFIG_DIR / f"{name}.py")
+  assert config.meta.optimizers == "released" and config.optimizer.name == "adam"
+  assert episodic.task_learning_rate(config) == task_lr and config.optimizer.learning_rate == lr
+  assert (config.meta.outer_clip, config.meta.clip) == (outer_clip, inner_clip)
+  assert episodic.make_task_optimizer(config) is not None
+
+
+def test_released_optimizers_are_rejected_where_no_code_had_them():
+  config = load(CONFIG_DIR / "mldg_prostate.py")
+  assert config.meta.optimizers == "summed"
+  config.meta.optimizers = "released"
+  with pytest.raises(ValueError, match="meta.optimizers.*'released'.*'mldg'.*summed"):
+    config_lib.validate(config)
+  config.meta.optimizers = "both"
+  with pytest.raises(ValueError, match="unknown mode 'both'"):
+    config_lib.validate(config)

@@ -95,3 +95,19 @@ def test_has_aux_returns_both_passes(mlp_problem):
   assert aux["meta_train"]["n"] == 7 and aux["meta_test"]["n"] == 6
   np.testing.assert_allclose(value, aux["loss_meta_train"] + aux["loss_meta_test"], rtol=1e-6)
   np.testing.assert_allclose(value, meta.mldg_objective(mlp_loss, params, tr, te, inner_lr=0.1), rtol=1e-6)
+
+
+def test_adapt_returns_the_inner_gradient_before_clipping(mlp_problem):
+  """adapt -> (θ', L(θ), g, aux): g = ∇L(θ) unclipped (MASF/SAML's task gradient),
+  θ' = θ − α·clip(g)."""
+  params, tr, _ = mlp_problem
+  adapted, loss, grads, aux = meta.adapt(mlp_loss, params, tr, inner_lr=0.3, clip=0.5)
+  expected = jax.grad(mlp_loss)(params, tr)
+  assert aux is None
+  np.testing.assert_allclose(loss, mlp_loss(params, tr), rtol=1e-6)
+  for name in params:
+    np.testing.assert_allclose(grads[name], expected[name], rtol=1e-5)
+    g = np.asarray(expected[name])
+    clipped = g * min(1.0, 0.5 / np.linalg.norm(g))
+    np.testing.assert_allclose(adapted[name], params[name] - 0.3 * clipped, rtol=1e-5, atol=1e-6)
+  assert max(np.linalg.norm(np.asarray(g)) for g in expected.values()) > 0.5  # the clip is active

@@ -1,32 +1,79 @@
-"""Episodic parts shared by the meta-learning methods: the episode's augmentation and inner clip
-(MLDG, MASF, SAML), and the skeleton of MASF and SAML: one inner step on meta-train, an outer
-objective at θ' with a metric network M_φ, one optimizer for θ and one for φ.
+"""Episodic parts shared by the meta-learning methods: the episode's augmentation, inner clip and
+forward passes (MLDG, MASF, SAML), and the skeleton of MASF and SAML: one inner step on
+meta-train, an outer objective at θ' with a metric network M_φ, the optimizer(s) of θ and one
+for φ.
 
     θ' = θ − α · clip(∇_θ L_inner(θ; D_tr)),     F(θ, φ) = L_inner(θ; D_tr) + outer(θ', φ; D_tr, D_te)
 
 `outer(adapted, phi, episode) -> (loss, metrics)` is the method's own part; `episode` holds the
-(augmented) meta-train and meta-test batches, the BN statistics and the dropout keys of the step.
-The forward passes at θ' (`forward`) run in training mode and discard their BN statistics (see
-medgen_jax/meta.py).
+(augmented) meta-train and meta-test batches, and `episode["forward"](params, group)`, the
+train-mode forward pass of a group at (adapted) params, which discards its BN statistics (see
+medgen_jax/meta.py for the BN policy and `meta.per_domain_bn`).
+
+The step computes the two parts of ∇_θ F separately, at the same θ (`meta_gradients`):
+
+    g_task = ∇_θ L_inner(θ)               (the inner gradient, reused from meta.adapt)
+    g_meta = ∇_θ outer(θ'(θ), φ)          (through θ': second order unless `meta.first_order`)
+
+and applies them according to `meta.optimizers`:
+
+* 'summed': one optimizer (config.optimizer) on g_task + clip(g_meta) — with `meta.outer_clip`
+  0 (off) exactly ∇_θ F, the gradient of the whole objective;
+* 'released' (MASF and SAML as released, methods.md §3.7/§3.8): two optimizer states for θ, as
+  the TF code's two train ops in one `session.run`: config.optimizer on clip(g_meta) (SAML:
+  Adam 1e-3, clip 10; MASF: Adam outer_lr, clip 2) and the task optimizer
+  (`make_task_optimizer`: config.optimizer's kind and schedule at `meta.task_learning_rate`;
+  SAML: Adam 1e-4, MASF: Adam outer_lr) on g_task, both gradients at the same θ, the two updates
+  summed (methods/deepall.finish_step).
+
+clip is `tf.clip_by_norm` per tensor at `meta.outer_clip` (0 = off), applied to the global
+(device-averaged) meta gradient. φ always has its own optimizer on ∂F/∂φ = ∂outer/∂φ (the code's
+metric_train_op; MASF's code also let its meta_train_op update φ, a variable-filter quirk that is
+not reproduced).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from medgen_jax import augment, meta
-from medgen_jax.methods.deepall import finish_step, make_loss_fn
+from medgen_jax.methods.deepall import finish_step, segmentation_terms
+from medgen_jax.train_state import make_optimizer
+
+OPTIMIZER_MODES = ("summed", "released")
+RELEASED = ("masf", "saml")   # methods whose released code had a separate task optimizer
+
+
+def task_learning_rate(config) -> float:
+  """`meta.task_learning_rate`, or config.optimizer.learning_rate when it is 0."""
+  return config.meta.task_learning_rate or config.optimizer.learning_rate
 
 
 def make_task_optimizer(config):
-  """The second optimizer of θ for the task loss when `meta.optimizers` is 'released'
-  (MASF/SAML as released), or None (one optimizer on the summed objective)."""
-  return None
+  """The second optimizer of θ, for the task loss, when `meta.optimizers` is 'released'
+  (MASF/SAML as released): config.optimizer's kind and schedule at `task_learning_rate(config)`.
+  None in 'summed' mode (one optimizer on the summed objective)."""
+  if config.meta.optimizers == "summed":
+    return None
+  if config.meta.optimizers != "released" or config.method not in RELEASED:
+    raise ValueError(f"config.meta.optimizers={config.meta.optimizers!r} for method {config.method!r}: "
+                     f"'released' exists for {', '.join(RELEASED)} only; use 'summed'")
+  opt = config.optimizer.copy_and_resolve_references()
+  opt.learning_rate = task_learning_rate(config)
+  return make_optimizer(opt, num_steps=config.num_steps)
 
 
 def inner_clip(meta_config):
   """The per-tensor inner-gradient clip norm, or None when `meta.clip` is 0 (off)."""
   return meta_config.clip if meta_config.clip and meta_config.clip > 0 else None
+
+
+def clip_tensors(grads, max_norm: float | None):
+  """tf.clip_by_norm on every tensor of a gradient pytree (None: unchanged)."""
+  if max_norm is None:
+    return grads
+  return jax.tree.map(lambda g: meta.clip_by_norm(g, max_norm), grads)
 
 
 def augment_episode(key, batch, config):
@@ -37,41 +84,127 @@ def augment_episode(key, batch, config):
           augment.maybe_augment(k_te, batch["meta_test"], augment_config))
 
 
-def forward(model, params, batch_stats, images, key):
-  """Train-mode forward at (adapted) params: (logits, features); BN statistics discarded."""
-  (logits, features), _ = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                      train=True, return_features=True, mutable=["batch_stats"],
-                                      rngs={"dropout": key})
-  return logits, features
+def apply_model(model, params, batch_stats, images, key, *, domains: int = 1,
+                per_domain_bn: bool = False, return_features: bool = False):
+  """Train-mode forward: (outputs, new batch_stats).
+
+  With `per_domain_bn` and several `domains`, the batch (domain-interleaved: rows i::domains
+  are domain i, as the episodic sampler and parallel.shard_batch leave every device's chunk) is
+  regrouped to [domains, B/domains, ...] and the network is vmapped over the domain axis, so
+  BatchNorm normalizes each domain with its own statistics, as the TF1 code's per-domain calls
+  (methods.md §1.8); with a BN `axis_name` each domain's statistics are synchronized over
+  devices. The returned running statistics are the mean over domains of the per-domain updates;
+  outputs come back in the batch's own row order. Dropout draws an independent key per domain.
+  """
+  def run(x, k):
+    out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                               return_features=return_features, mutable=["batch_stats"],
+                               rngs={"dropout": k})
+    return out, updates.get("batch_stats", batch_stats)
+
+  if not per_domain_bn or domains == 1:
+    return run(images, key)
+  b = images.shape[0]
+  if b % domains:
+    raise ValueError(f"per-domain BN: a batch of {b} rows does not hold {domains} interleaved domains")
+  grouped = images.reshape((b // domains, domains) + images.shape[1:]).swapaxes(0, 1)
+  outputs, stats = jax.vmap(run)(grouped, jax.random.split(key, domains))
+  ungroup = lambda y: y.swapaxes(0, 1).reshape((b,) + y.shape[2:])
+  return jax.tree.map(ungroup, outputs), jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+
+
+def group_domains(meta_config, group: str) -> int:
+  return meta_config.meta_train_domains if group == "meta_train" else meta_config.meta_test_domains
+
+
+def make_loss_fn(model, config, *, num_classes: int, axis_name: str | None = None):
+  """The task loss of an episode group (DeepAll's: weighted CE + Dice + L2), with the forward
+  pass of `apply_model`: loss_fn(params, batch_stats, batch, key, *, group) ->
+  (loss, (metrics, new_batch_stats))."""
+  m = config.meta
+
+  def loss_fn(params, batch_stats, batch, key, *, group: str):
+    logits, new_stats = apply_model(model, params, batch_stats, batch["image"], key,
+                                    domains=group_domains(m, group), per_domain_bn=m.per_domain_bn)
+    loss, metrics = segmentation_terms(logits, batch["label"], params, config.loss,
+                                       num_classes=num_classes, axis_name=axis_name)
+    return loss, (metrics, new_stats)
+
+  return loss_fn
+
+
+def make_episode(model, config, batch_stats, meta_train, meta_test, key_tr, key_te) -> dict:
+  """The episode an `outer` sees: both groups, the BN statistics and `forward(params, group)` ->
+  (logits, features), the train-mode pass at (adapted) params whose BN update is discarded."""
+  m = config.meta
+  keys = {"meta_train": key_tr, "meta_test": key_te}
+  groups = {"meta_train": meta_train, "meta_test": meta_test}
+
+  def forward(params, group):
+    (logits, features), _ = apply_model(model, params, batch_stats, groups[group]["image"], keys[group],
+                                        domains=group_domains(m, group), per_domain_bn=m.per_domain_bn,
+                                        return_features=True)
+    return logits, features
+
+  return {"meta_train": meta_train, "meta_test": meta_test, "batch_stats": batch_stats,
+          "forward": forward}
+
+
+def meta_gradients(inner_loss, outer, params, phi, episode, *, meta_config, axis_name=None):
+  """The two parts of ∇_θ F at the same θ, and ∂F/∂φ:
+  (g_task, g_meta, g_phi, loss_inner, loss_outer, inner_metrics, outer_metrics, batch_stats).
+
+  g_task = ∇_θ L_inner(θ) is meta.adapt's inner gradient (global with `axis_name`; not
+  recomputed); g_meta = ∇_θ outer(θ'(θ), φ) differentiates through θ' (the Hessian term unless
+  `first_order`) and is this device's part (average it over devices); g_task + g_meta = ∇_θ F.
+  `inner_loss(params, batch) -> (loss, (metrics, batch_stats))` on episode["meta_train"]."""
+  m = meta_config
+
+  def objective(theta, phi):
+    adapted, loss_inner, g_task, (inner_metrics, batch_stats) = meta.adapt(
+        inner_loss, theta, episode["meta_train"], inner_lr=m.inner_lr, first_order=m.first_order,
+        clip=inner_clip(m), has_aux=True, axis_name=axis_name)
+    loss_outer, outer_metrics = outer(adapted, phi, episode)
+    return loss_outer, (jax.lax.stop_gradient(g_task), loss_inner, inner_metrics, outer_metrics,
+                        batch_stats)
+
+  (loss_outer, (g_task, loss_inner, inner_metrics, outer_metrics, batch_stats)), (g_meta, g_phi) = (
+      jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(params, phi))
+  return g_task, g_meta, g_phi, loss_inner, loss_outer, inner_metrics, outer_metrics, batch_stats
 
 
 def make_metric_step(outer, model, tx, config, *, num_classes: int, axis_name: str | None,
-                     bn_sync: bool, metric_tx):
-  inner_loss = make_loss_fn(model, config.loss, num_classes=num_classes, axis_name=axis_name)
+                     bn_sync: bool, metric_tx, task_tx=None):
+  """The MASF/SAML step: `task_tx` None is 'summed' mode, else 'released' (module docstring)."""
+  loss_fn = make_loss_fn(model, config, num_classes=num_classes, axis_name=axis_name)
   m = config.meta
+  if (m.optimizers == "released") != (task_tx is not None):
+    raise ValueError(f"config.meta.optimizers={m.optimizers!r} needs task_tx="
+                     f"{'make_task_optimizer(config)' if task_tx is None else 'None'}")
+  outer_clip = m.outer_clip if m.outer_clip > 0 else None
 
   def step(state, batch, key):
     if axis_name is not None:
       key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     augment_key, key_inner, key_tr, key_te = jax.random.split(key, 4)
     meta_train, meta_test = augment_episode(augment_key, batch, config)
-    episode = {"meta_train": meta_train, "meta_test": meta_test, "batch_stats": state.batch_stats,
-               "key_tr": key_tr, "key_te": key_te}
-
-    def objective(all_params):
-      adapted, loss_inner, (inner_metrics, batch_stats) = meta.adapt(
-          lambda p, b: inner_loss(p, state.batch_stats, b, key_inner), all_params["model"],
-          meta_train, inner_lr=m.inner_lr, first_order=m.first_order, clip=inner_clip(m),
-          has_aux=True, axis_name=axis_name)
-      loss_outer, outer_metrics = outer(adapted, all_params["metric"], episode)
-      total = loss_inner + loss_outer
-      # "loss" is the whole objective: the trainer's non-finite guard watches it.
-      return total, (dict(inner_metrics, **outer_metrics, loss_inner=loss_inner, loss=total,
-                          loss_total=total), batch_stats)
-
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        {"model": state.params, "metric": state.metric_params})
-    return finish_step(state, tx, grads["model"], metrics, batch_stats, axis_name=axis_name,
-                       bn_sync=bn_sync, metric_tx=metric_tx, metric_grads=grads["metric"])
+    episode = make_episode(model, config, state.batch_stats, meta_train, meta_test, key_tr, key_te)
+    inner_loss = lambda p, b: loss_fn(p, state.batch_stats, b, key_inner, group="meta_train")
+    g_task, g_meta, g_phi, loss_inner, loss_outer, inner_metrics, outer_metrics, batch_stats = (
+        meta_gradients(inner_loss, outer, state.params, state.metric_params, episode,
+                       meta_config=m, axis_name=axis_name))
+    if outer_clip is not None:
+      if axis_name is not None:  # clip the global meta gradient, as on one device
+        g_meta = jax.lax.pmean(g_meta, axis_name)
+      g_meta = clip_tensors(g_meta, outer_clip)
+    total = loss_inner + loss_outer
+    # "loss" is the whole objective: the trainer's non-finite guard watches it.
+    metrics = dict(inner_metrics, **outer_metrics, loss_inner=loss_inner, loss=total, loss_total=total)
+    if task_tx is None:
+      grads, task_grads = jax.tree.map(jnp.add, g_task, g_meta), None
+    else:
+      grads, task_grads = g_meta, g_task
+    return finish_step(state, tx, grads, metrics, batch_stats, axis_name=axis_name, bn_sync=bn_sync,
+                       metric_tx=metric_tx, metric_grads=g_phi, task_tx=task_tx, task_grads=task_grads)
 
   return step

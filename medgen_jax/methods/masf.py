@@ -17,9 +17,13 @@ Per step, source sites split into meta-train D_tr and meta-test D_te (2 + 1 of 3
   triplet (Schroff) or contrastive (Hadsell) loss, `masf.metric_loss`. Images of all domains of the
   episode (meta-train and meta-test) take part.
 
-The whole objective is differentiated exactly with nested jax.grad (second order unless
-`meta.first_order`; the released TF code is first order and applies the task and meta gradients
-through two Adam states — here one optimizer sees their sum). φ is updated by its own optimizer
+The objective is differentiated exactly with nested jax.grad (second order unless
+`meta.first_order`; the released TF code is first order). Its two parts, the task gradient
+∇_θ L_task(θ) and the meta gradient ∇_θ [β₁ L_global + β₂ L_local](θ'(θ)), go either to one
+optimizer as their sum (`meta.optimizers='summed'`: the gradient of F) or, as in the released
+code (`'released'`), to two Adam states over θ with the same rate (outer_lr; `meta.task_learning_rate`
+0 = optimizer.learning_rate), the meta gradient clipped per tensor at 2.0 (`meta.outer_clip`),
+the two updates summed (methods/episodic.py). φ is updated by its own optimizer
 (`masf.metric_lr`) with ∂F/∂φ = β₂ ∂L_local/∂φ, as the code's metric_train_op.
 BatchNorm: see medgen_jax/meta.py.
 """
@@ -30,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from medgen_jax import losses
-from medgen_jax.methods.episodic import forward, make_metric_step
+from medgen_jax.methods.episodic import make_metric_step
 from medgen_jax.parallel import gather_global
 
 EPISODIC = True
@@ -40,7 +44,8 @@ def class_mean_features(features, onehot, *, eps: float = 1e-6):
   """Per image and class: mean feature over that class's pixels. Returns ([B·C, F], class ids
   [B·C], valid [B·C] = class present in the image)."""
   b, c = onehot.shape[0], onehot.shape[-1]
-  sums = jnp.einsum("bhwc,bhwf->bcf", onehot, features.astype(jnp.float32))
+  features = features.astype(jnp.promote_types(features.dtype, jnp.float32))
+  sums = jnp.einsum("bhwc,bhwf->bcf", onehot.astype(features.dtype), features)
   counts = jnp.sum(onehot, axis=(1, 2))
   means = sums / (counts[..., None] + eps)
   labels = jnp.broadcast_to(jnp.arange(c), (b, c))
@@ -66,15 +71,14 @@ def global_alignment(logits_tr, onehot_tr, logits_te, onehot_te, *, n_tr: int, n
   return sum(pairs) / len(pairs)
 
 
-def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,
-                    bn_sync: bool = True, metric_model=None, metric_tx=None, task_tx=None):
+def make_outer(model, config, *, num_classes: int, axis_name: str | None = None, metric_model=None):
+  """outer(adapted, phi, episode) -> (β₁ · L_global + β₂ · L_local at θ', metrics)."""
   m, c = config.meta, config.masf
 
   def outer(adapted, phi, episode):
-    """β₁ · global class alignment + β₂ · local sample clustering, at θ'."""
     meta_train, meta_test = episode["meta_train"], episode["meta_test"]
-    logits_tr, feats_tr = forward(model, adapted, episode["batch_stats"], meta_train["image"], episode["key_tr"])
-    logits_te, feats_te = forward(model, adapted, episode["batch_stats"], meta_test["image"], episode["key_te"])
+    logits_tr, feats_tr = episode["forward"](adapted, "meta_train")
+    logits_te, feats_te = episode["forward"](adapted, "meta_test")
     onehot_tr = jax.nn.one_hot(meta_train["label"], num_classes)
     onehot_te = jax.nn.one_hot(meta_test["label"], num_classes)
     loss_global = global_alignment(logits_tr, onehot_tr, logits_te, onehot_te,
@@ -90,5 +94,12 @@ def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | Non
     return (c.global_weight * loss_global + c.local_weight * loss_local,
             {"loss_global": loss_global, "loss_local": loss_local})
 
+  return outer
+
+
+def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,
+                    bn_sync: bool = True, metric_model=None, metric_tx=None, task_tx=None):
+  outer = make_outer(model, config, num_classes=num_classes, axis_name=axis_name,
+                     metric_model=metric_model)
   return make_metric_step(outer, model, tx, config, num_classes=num_classes, axis_name=axis_name,
-                          bn_sync=bn_sync, metric_tx=metric_tx)
+                          bn_sync=bn_sync, metric_tx=metric_tx, task_tx=task_tx)

@@ -6,8 +6,10 @@ the objective is meta.mldg_objective with the DeepAll task loss (weighted CE + D
     F(θ) = L(θ; D_tr) + β · L(θ − α·clip(∇L(θ; D_tr)); D_te)
 
 differentiated exactly (second order) by nested jax.grad, or first order with
-`meta.first_order=True`. BatchNorm: see medgen_jax/meta.py (each pass uses its own batch
-statistics; running statistics are updated from the meta-train pass at θ only).
+`meta.first_order=True`, and applied by one optimizer (MLDG's code has no separate task
+optimizer: `meta.optimizers` must be 'summed'). BatchNorm: see medgen_jax/meta.py (each pass uses
+its own batch statistics, per domain with `meta.per_domain_bn`; running statistics are updated
+from the meta-train pass at θ only).
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ from __future__ import annotations
 import jax
 
 from medgen_jax import meta
-from medgen_jax.methods.deepall import finish_step, make_loss_fn
-from medgen_jax.methods.episodic import augment_episode, inner_clip
+from medgen_jax.methods.deepall import finish_step
+from medgen_jax.methods.episodic import augment_episode, inner_clip, make_loss_fn
 
 EPISODIC = True
 
 
 def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,
                     bn_sync: bool = True, **unused):
-  seg_loss = make_loss_fn(model, config.loss, num_classes=num_classes, axis_name=axis_name)
+  seg_loss = make_loss_fn(model, config, num_classes=num_classes, axis_name=axis_name)
   m = config.meta
 
   def step(state, batch, key):
@@ -33,13 +35,15 @@ def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | Non
     meta_train, meta_test = augment_episode(augment_key, batch, config)
 
     def loss_fn(params, episode):
-      return seg_loss(params, state.batch_stats, episode["batch"], episode["key"])
+      return seg_loss(params, state.batch_stats, episode["batch"], episode["key"],
+                      group=episode["group"])
 
     def objective(params):
-      return meta.mldg_objective(loss_fn, params, {"batch": meta_train, "key": key_tr},
-                                 {"batch": meta_test, "key": key_te}, inner_lr=m.inner_lr,
-                                 beta=m.beta, first_order=m.first_order, clip=inner_clip(m),
-                                 has_aux=True, axis_name=axis_name)
+      return meta.mldg_objective(loss_fn, params,
+                                 {"batch": meta_train, "key": key_tr, "group": "meta_train"},
+                                 {"batch": meta_test, "key": key_te, "group": "meta_test"},
+                                 inner_lr=m.inner_lr, beta=m.beta, first_order=m.first_order,
+                                 clip=inner_clip(m), has_aux=True, axis_name=axis_name)
 
     (value, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     metrics_tr, batch_stats = aux["meta_train"]

@@ -20,7 +20,13 @@ other sources sit the step out, as in the released code):
   loss (released code) or the contrastive loss (paper), margin 10. Empty regions are masked out.
 
 Weights λ₁ = 1.0, λ₂ = 0.005 and the learning rates follow the released code; differentiated
-exactly (second order unless `meta.first_order`). φ has its own optimizer (`saml.metric_lr`).
+exactly (second order unless `meta.first_order`; the released code is first order). The task
+gradient ∇_θ L_seg(θ; D_tr) and the meta gradient ∇_θ [everything at θ'](θ'(θ)) go either to one
+optimizer as their sum (`meta.optimizers='summed'`: the gradient of F), or as released
+(`'released'`, configs/saml_prostate.py) to two Adam states over θ: Adam(1e-4 =
+`meta.task_learning_rate`) on the task gradient and Adam(1e-3 = optimizer.learning_rate) on the
+meta gradient clipped per tensor at 10 (`meta.outer_clip`), the two updates summed
+(methods/episodic.py). φ has its own optimizer (`saml.metric_lr`) on λ₂ ∂L_smooth/∂φ.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import jax.numpy as jnp
 
 from medgen_jax import losses
 from medgen_jax.methods.deepall import segmentation_terms
-from medgen_jax.methods.episodic import forward, make_metric_step
+from medgen_jax.methods.episodic import make_metric_step
 from medgen_jax.methods.masf import metric_loss
 from medgen_jax.parallel import gather_global
 
@@ -99,23 +105,24 @@ def region_embeddings(features, labels):
   """Per image: the mean feature over its contour and over its ring → ([2B, F], labels [2B]
   (1 contour, 0 ring), valid [2B])."""
   contour, ring = contour_and_ring(labels)
-  masks = jnp.concatenate([contour, ring]).astype(jnp.float32)            # [2B, H, W]
-  feats = jnp.concatenate([features, features]).astype(jnp.float32)       # [2B, H, W, F]
+  dtype = jnp.promote_types(features.dtype, jnp.float32)
+  masks = jnp.concatenate([contour, ring]).astype(dtype)                  # [2B, H, W]
+  feats = jnp.concatenate([features, features]).astype(dtype)             # [2B, H, W, F]
   counts = jnp.sum(masks, axis=(1, 2))
   vectors = jnp.einsum("bhw,bhwf->bf", masks, feats) / jnp.maximum(counts, 1.0)[:, None]
   region = jnp.concatenate([jnp.ones(labels.shape[0], jnp.int32), jnp.zeros(labels.shape[0], jnp.int32)])
   return vectors, region, counts > 0
 
 
-def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,
-                    bn_sync: bool = True, metric_model=None, metric_tx=None, task_tx=None):
+def make_outer(model, config, *, num_classes: int, axis_name: str | None = None, metric_model=None):
+  """outer(adapted, phi, episode) -> (meta-test task loss + λ₁ · compactness + λ₂ · smoothness
+  at θ', metrics)."""
   c = config.saml
 
   def outer(adapted, phi, episode):
-    """Meta-test task loss + λ₁ · compactness + λ₂ · smoothness, at θ'."""
     meta_train, meta_test = episode["meta_train"], episode["meta_test"]
-    logits_te, feats_te = forward(model, adapted, episode["batch_stats"], meta_test["image"], episode["key_te"])
-    _, feats_tr = forward(model, adapted, episode["batch_stats"], meta_train["image"], episode["key_tr"])
+    logits_te, feats_te = episode["forward"](adapted, "meta_test")
+    _, feats_tr = episode["forward"](adapted, "meta_train")
     loss_target, target_metrics = segmentation_terms(logits_te, meta_test["label"], adapted, config.loss,
                                                      num_classes=num_classes, axis_name=axis_name)
     foreground = 1.0 - jax.nn.softmax(logits_te, axis=-1)[..., 0]
@@ -131,5 +138,12 @@ def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | Non
     return loss, {"loss_target": loss_target, "loss_compact": loss_compact, "loss_smooth": loss_smooth,
                   "dice_meta_test": target_metrics["dice"][1:].mean()}
 
+  return outer
+
+
+def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,
+                    bn_sync: bool = True, metric_model=None, metric_tx=None, task_tx=None):
+  outer = make_outer(model, config, num_classes=num_classes, axis_name=axis_name,
+                     metric_model=metric_model)
   return make_metric_step(outer, model, tx, config, num_classes=num_classes, axis_name=axis_name,
-                          bn_sync=bn_sync, metric_tx=metric_tx)
+                          bn_sync=bn_sync, metric_tx=metric_tx, task_tx=task_tx)
