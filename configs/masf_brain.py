@@ -10,7 +10,10 @@ second-order meta-gradient. Optimizers as released (`meta.optimizers='released'`
 §3.7): Adam(outer_lr = optimizer.learning_rate) on the meta-train task loss plus a second
 Adam(outer_lr) on the meta objective with each gradient tensor clipped at norm 2.0
 (`meta.outer_clip`), the two updates summed; inner gradient clipped per tensor at 2.0
-(`meta.clip`). Sizes as configs/deepall_brain.py (full / `:quick`).
+(`meta.clip`). Sizes as configs/deepall_brain.py (full / `:quick`). Not as released: the inner
+gradient is that of the *mean* task loss (TF's tf.gradients of the per-sample loss vector sums
+over the batch, so its clip of 2.0 bites far more often), the task loss is one loss over the pooled
+meta-train batch, and every parameter (BN scale/offset included) is adapted.
 
 Numbers: full size not measured (GPU). `:quick` in the sweep with configs/deepall_brain.py:quick
 (3 seeds, 26 min 33 s for both methods on the 2-core CPU, 2026-11-27), measured BEFORE the
@@ -33,7 +36,7 @@ def get_config(arg=None):
   config.masf.local_weight = 0.005
   config.masf.temperature = 2.0
   config.masf.margin = 10.0
-  config.meta.clip = 2.0                  # inner gradient, per tensor, as released
+  config.meta.clip = 2.0                  # inner gradient, per tensor (released value; see above)
   config.meta.optimizers = "released"     # task Adam + meta Adam, both at optimizer.learning_rate
   config.meta.outer_clip = 2.0            # meta gradient, per tensor, as released
   if arg == "quick":

@@ -6,6 +6,12 @@ per step, exact second-order meta-gradient.
 
 Data and preprocessing as configs/deepall_prostate.py. Numbers: none (the prostate data cannot be
 downloaded here; exercised by the test suite on a synthetic prostate6 folder).
+
+Not MLDG's released setting (HAHA-DL/MLDG, PACS): that code uses every non-validation source as
+meta-train (here 2 of 5, as SAML's episodes: `--config.meta.meta_train_domains=4`), sums the
+meta-train domains' losses (here one loss over the pooled batch, i.e. a mean), has no inner clip
+(here 10, as SAML: `--config.meta.clip=0`) and puts weight decay in SGD (here the explicit L2
+term, which L(θ') repeats).
 """
 
 from medgen_jax.config import base_config, prostate6

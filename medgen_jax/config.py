@@ -159,3 +159,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.meta.optimizers == "released" and config.method not in ("masf", "saml"):
     fail("meta.optimizers", f"'released' (a separate task optimizer, as MASF's and SAML's code) does "
          f"not exist for method {config.method!r}: use 'summed'")
+  # Settings that would be silently ignored are refused, so a run never claims what it did not do.
+  if config.method == "mldg" and config.meta.outer_clip > 0:
+    fail("meta.outer_clip", "MLDG has no separate meta gradient to clip (one objective, one "
+         "optimizer): set it to 0, or use optimizer.grad_clip_norm")
+  if config.meta.optimizers == "summed" and config.meta.task_learning_rate > 0:
+    fail("meta.task_learning_rate", "is used only with meta.optimizers='released' (one optimizer "
+         "sees the summed objective otherwise): set it to 0, or use 'released'")

@@ -34,7 +34,8 @@ MASF and SAML called the network once per domain batch instead, i.e. BN statisti
 each group's forward pass vmaps the network over its domains, so BatchNorm normalizes every
 domain with its own statistics (synchronized over devices per domain under pmap); the running
 averages are then updated with the mean over domains of the per-domain statistics. BN scale and
-offset are ordinary parameters and are adapted like the others. The running averages kept for
+offset are ordinary parameters and are adapted like the others (SAML's code adapts only its
+`weights` dict, the conv/deconv kernels and biases, and has no BN scale; MLDG's adapts everything). The running averages kept for
 inference are updated from the meta-train pass at θ only; the passes at θ' discard theirs, so the
 held-out role of a domain never leaks into the stored statistics through θ' (use `has_aux=True`
 to receive both and decide otherwise).
@@ -49,8 +50,14 @@ import jax.numpy as jnp
 
 
 def clip_by_norm(g, max_norm: float):
-  """tf.clip_by_norm on one tensor: g · max_norm / max(‖g‖₂, max_norm)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(g)))
+  """tf.clip_by_norm on one tensor: g · max_norm / max(‖g‖₂, max_norm).
+
+  The norm's square root is taken only where Σg² > 0 (TF's two-`where` trick): at g = 0 the
+  derivative of sqrt is infinite, and a zero inner gradient would otherwise make the second-order
+  meta-gradient NaN."""
+  squared = jnp.sum(jnp.square(g))
+  positive = squared > 0
+  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
   return g * (max_norm / jnp.maximum(norm, max_norm))
 
 

@@ -82,3 +82,16 @@ def test_released_optimizers_are_rejected_where_no_code_had_them():
   config.meta.optimizers = "both"
   with pytest.raises(ValueError, match="unknown mode 'both'"):
     config_lib.validate(config)
+
+
+def test_settings_that_would_be_ignored_are_refused():
+  config = load(CONFIG_DIR / "mldg_prostate.py")
+  config.meta.outer_clip = 2.0
+  with pytest.raises(ValueError, match="meta.outer_clip: MLDG has no separate meta gradient"):
+    config_lib.validate(config)
+  config = load(CONFIG_DIR / "saml_prostate.py")
+  config.meta.optimizers = "summed"
+  with pytest.raises(ValueError, match="meta.task_learning_rate: is used only with meta.optimizers='released'"):
+    config_lib.validate(config)
+  config.meta.task_learning_rate = 0.0
+  config_lib.validate(config)

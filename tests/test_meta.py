@@ -111,3 +111,13 @@ def test_adapt_returns_the_inner_gradient_before_clipping(mlp_problem):
     clipped = g * min(1.0, 0.5 / np.linalg.norm(g))
     np.testing.assert_allclose(adapted[name], params[name] - 0.3 * clipped, rtol=1e-5, atol=1e-6)
   assert max(np.linalg.norm(np.asarray(g)) for g in expected.values()) > 0.5  # the clip is active
+
+
+def test_clip_by_norm_has_finite_derivatives_at_a_zero_gradient():
+  # A tensor whose inner gradient is exactly zero but still depends on θ: the clip must not turn
+  # the second-order meta-gradient into NaN (sqrt'(0) = inf).
+  grad = jax.grad(lambda w: jnp.sum(meta.clip_by_norm(0.0 * w, 1.0)))(jnp.ones(3))
+  np.testing.assert_array_equal(grad, np.zeros(3))
+  big = jnp.array([3.0, 4.0])  # norm 5 > 2: scaled to norm 2
+  np.testing.assert_allclose(meta.clip_by_norm(big, 2.0), big * 2.0 / 5.0, rtol=1e-6)
+  np.testing.assert_allclose(meta.clip_by_norm(big, 10.0), big)

@@ -263,6 +263,29 @@ def test_max_pool_is_nn_max_pool(x64, shape):
   assert_trees_close(derivatives(max_pool_2x2, x), derivatives(reference, x), **F64_TOL)
 
 
+def test_max_pool_ties_route_the_gradient_like_nn_max_pool():
+  # Windows with tied maxima (as bf16 and ReLU produce): the whole gradient goes to one element,
+  # the same one as nn.max_pool's, not split between the tied ones.
+  x = jnp.array([[1., 1., 0., 2.], [0., 1., 2., 2.]])[None, :, :, None]
+  grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * jnp.array([3., 5.])[None, None, :, None]))(x)
+  np.testing.assert_array_equal(grad(max_pool_2x2), grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))
+  assert float(jnp.max(grad(max_pool_2x2))) == 5.0  # not 5/3 or 5/2
+
+
+def test_unet_gradient_has_no_nan_behind_a_norm_layer_at_xla_o0():
+  # JAX's gradient of `max` (g·[x == max]/count) was 0/0 = NaN here: XLA:CPU at -O0 recomputed
+  # the normalized pool input with other rounding than the max had seen.
+  from medgen_jax.models.unet import UNet
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 8, 1)), jnp.float32)
+  model = UNet(num_classes=2, base_features=2, depth=1, norm="instance")
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda p: jnp.asarray(rng.normal(0, 0.5, p.shape), jnp.float32),
+                           jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
+  loss = lambda v: jnp.sum(jnp.sin(model.apply(v, x, train=True)))
+  grads = quick_jit(jax.grad(loss))(variables)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
 def test_max_pool_bfloat16_matches_float32_reference():
   x = normal(0, (2, 6, 4, 3), jnp.float32).astype(jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(max_pool_2x2(x), np.float32),   # a max rounds nothing

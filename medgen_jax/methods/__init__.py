@@ -1,7 +1,8 @@
 """Methods: each file holds its loss and its train step, built from shared parts.
 
 Every module exposes `make_train_step(model, tx, config, *, num_classes, axis_name, bn_sync,
-metric_model=None, metric_tx=None)` returning the pure `step(state, batch, key)`, and `EPISODIC`
+metric_model=None, metric_tx=None, task_tx=None)` returning the pure `step(state, batch, key)`
+(`task_tx`: MASF/SAML's second optimizer when `meta.optimizers='released'`), and `EPISODIC`
 (True: batches come from the episodic sampler as {'meta_train': ..., 'meta_test': ...}).
 """
 

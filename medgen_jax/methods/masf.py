@@ -26,6 +26,12 @@ code (`'released'`), to two Adam states over θ with the same rate (outer_lr; `m
 the two updates summed (methods/episodic.py). φ is updated by its own optimizer
 (`masf.metric_lr`) with ∂F/∂φ = β₂ ∂L_local/∂φ, as the code's metric_train_op.
 BatchNorm: see medgen_jax/meta.py.
+
+Differences from the released code (biomedia-mira/masf), kept on purpose: the inner gradient is
+that of the mean task loss over the pooled meta-train batch (TF differentiates the per-sample loss
+vector, i.e. the sum over the batch, so the same per-tensor clip bites far more often there);
+every parameter is adapted, BN included; φ is not also updated by the meta optimizer (the code's
+variable-filter quirk).
 """
 
 from __future__ import annotations

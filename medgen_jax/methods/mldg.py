@@ -9,7 +9,9 @@ differentiated exactly (second order) by nested jax.grad, or first order with
 `meta.first_order=True`, and applied by one optimizer (MLDG's code has no separate task
 optimizer: `meta.optimizers` must be 'summed'). BatchNorm: see medgen_jax/meta.py (each pass uses
 its own batch statistics, per domain with `meta.per_domain_bn`; running statistics are updated
-from the meta-train pass at θ only).
+from the meta-train pass at θ only). L(θ; D_tr) is one loss over the pooled, domain-interleaved
+meta-train batch, i.e. a mean over its domains; MLDG's code sums the meta-train domains' losses,
+which scales L_tr and the inner step by the number of meta-train domains.
 """
 
 from __future__ import annotations

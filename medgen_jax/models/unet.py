@@ -17,8 +17,8 @@ benchmark). Both variants have the same parameter tree except the head kernel ([
   which is nn.ConvTranspose(features, (2, 2), strides=(2, 2)) with the same kernel (lax's
   transposed conv without `transpose_kernel` does not flip the kernel, hence the 1-a, 1-b).
   XLA:CPU's weight gradient of the transposed conv was ~30 % of the step.
-* 2×2 max-pool as a reshape + max (same values; ties only occur at ReLU zeros, where the
-  gradient is zero either way).
+* 2×2 max-pool as a reshape + a pick of each window's first maximum (same values and, at ties,
+  the same gradient as nn.max_pool).
 * the 1×1 head as a Dense on the channel axis: a second-order gradient through a 1×1 conv lowers
   to a huge padded convolution on XLA:CPU (the meta-learning trap).
 
@@ -30,6 +30,7 @@ custom_vjp (see models/ops.py).
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from medgen_jax.models.norms import make_norm
@@ -76,10 +77,18 @@ class ConvSame(nn.Module):
 
 def max_pool_2x2(x):
   """nn.max_pool(x, (2, 2), strides=(2, 2)) (padding 'VALID': an odd last row/column is
-  dropped) as a reshape + max over the non-overlapping windows."""
+  dropped) over the non-overlapping windows, by a reshape.
+
+  The maximum is picked by index (the first maximal element of each window, as nn.max_pool's
+  gradient does at ties), not with `max`: JAX differentiates `max` as g·[x == max] / count, which
+  is 0/0 = NaN wherever XLA recomputes the window's input with other rounding than the max saw
+  (seen at XLA:CPU's -O0 behind a norm layer; fusion may duplicate work on other backends too),
+  and splits the gradient between tied elements."""
   b, h, w, c = x.shape
   x = x[:, :h - h % 2, :w - w % 2]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  windows = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, c, 4)
+  first_max = jax.nn.one_hot(jnp.argmax(windows, axis=-1), 4, dtype=x.dtype)
+  return jnp.sum(windows * first_max, axis=-1)
 
 
 class ConvBlock(nn.Module):
