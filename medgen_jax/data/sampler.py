@@ -9,6 +9,12 @@ Batches hold `image [B, H, W, C]` float32, `label [B, H, W]` int32 and `domain [
 Sites are interleaved (A, B, C, A, B, C, ...), so any contiguous chunk whose size is a multiple
 of the number of sites is itself domain-balanced: `parallel.shard_batch` relies on that to give
 every device a balanced share.
+
+Unsupervised domain adaptation: a cache built with `labelled=False` (the target sites'
+adaptation cases) holds images only (`SiteSlices.labels is None`; the cases' label arrays are
+never read). `SourceTargetSampler` draws labelled source slices from the training cache and
+unlabelled target slices from the adaptation cache, `{"source": {image, label, domain}, "target": {image, domain}}`;
+the labelled samplers refuse a label-free site.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from medgen_jax.data.errors import DataError
 from medgen_jax.data.preprocess import context_offsets, preprocess_case
 
 SLICE_SELECTIONS = ("foreground", "all")
+UNLABELLED_SLICE_SELECTIONS = ("nonempty", "all")  # label-free caches: no 'foreground' without labels
 
 
 @dataclasses.dataclass
@@ -30,7 +37,7 @@ class SiteSlices:
   whose slices are `first[i] .. last[i]` (for clamping 2.5-D context at volume ends)."""
 
   images: np.ndarray     # [N, H, W] cache dtype
-  labels: np.ndarray     # [N, H, W] uint8
+  labels: np.ndarray | None  # [N, H, W] uint8; None for unlabelled (adaptation) data
   first: np.ndarray      # [N] int64
   last: np.ndarray       # [N] int64
   eligible: np.ndarray   # indices that may be drawn as centre slices
@@ -44,8 +51,11 @@ class SliceCache:
   domain_ids: dict[str, int]
   context_slices: int = 1
 
-  def gather(self, site: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(image [n, H, W, C] float32, label [n, H, W] int32) for centre slices `indices`."""
+  def is_labelled(self, site: str) -> bool:
+    return self.sites[site].labels is not None
+
+  def gather_images(self, site: str, indices: np.ndarray) -> np.ndarray:
+    """image [n, H, W, C] float32 for centre slices `indices` (never reads a label)."""
     s = self.sites[site]
     if self.context_slices == 1:
       image = s.images[indices][..., None]
@@ -53,21 +63,43 @@ class SliceCache:
       neighbours = indices[:, None] + context_offsets(self.context_slices)[None, :]
       neighbours = np.clip(neighbours, s.first[indices, None], s.last[indices, None])
       image = np.moveaxis(s.images[neighbours], 1, -1)
-    return image.astype(np.float32), s.labels[indices].astype(np.int32)
+    return image.astype(np.float32)
+
+  def gather(self, site: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image [n, H, W, C] float32, label [n, H, W] int32) for centre slices `indices`."""
+    s = self.sites[site]
+    if s.labels is None:
+      raise _unlabelled_error([site])
+    return self.gather_images(site, indices), s.labels[indices].astype(np.int32)
+
+
+def _unlabelled_error(sites: Sequence[str]) -> DataError:
+  return DataError.single(
+      f"site(s) {list(sites)}", "are unlabelled adaptation (target) data: their labels are never "
+      "loaded, so no labelled batch can be drawn from them",
+      "draw them as targets of a SourceTargetSampler, or make them sources (data.sites, not data.held_out)")
 
 
 def build_slice_cache(cases_by_site: Mapping[str, Sequence], *, normalizer, in_plane_shape,
                       domain_ids: Mapping[str, int], in_plane_spacing=None, context_slices: int = 1,
                       cache_dtype: str = "float32", slices: str = "foreground",
-                      bias_correction: str = "none") -> SliceCache:
+                      bias_correction: str = "none", labelled: bool = True) -> SliceCache:
   """Preprocesses every case once (see preprocess.preprocess_case) and stacks its axial slices.
 
   `slices='foreground'` draws only slices holding some label > 0 (the prostate code samples
   within the gland's extent); 'all' draws every slice. Context neighbours may be any slice.
+
+  `labelled=False` (unsupervised-adaptation target data) builds an image-only cache: no case's
+  `label` attribute is ever read (the image goes through the same preprocess_case with a zero
+  stand-in label, so it is preprocessed exactly as a labelled case's), `SiteSlices.labels` is
+  None, and `slices` is 'nonempty' (every slice whose preprocessed image is not constant, i.e.
+  not a blank slice; 'foreground' would need labels) or 'all'.
   """
-  if slices not in SLICE_SELECTIONS:
-    raise DataError.single(f"data.slices={slices!r}", "unknown slice selection",
-                           f"use one of {', '.join(SLICE_SELECTIONS)}")
+  selections = SLICE_SELECTIONS if labelled else UNLABELLED_SLICE_SELECTIONS
+  if slices not in selections:
+    why = "needs labels, which unlabelled data does not have" if slices in SLICE_SELECTIONS \
+        else "unknown slice selection"
+    raise DataError.single(f"data.slices={slices!r}", why, f"use one of {', '.join(selections)}")
   if cache_dtype not in ("float16", "float32"):
     raise DataError.single(f"data.cache_dtype={cache_dtype!r}", "unsupported cache dtype",
                            "use float16 (half the memory) or float32")
@@ -77,44 +109,59 @@ def build_slice_cache(cases_by_site: Mapping[str, Sequence], *, normalizer, in_p
     images, labels, first, last, case_index = [], [], [], [], []
     offset = 0
     for k, case in enumerate(cases):
-      image, label = preprocess_case(case.image, case.label, case.spacing, normalizer=normalizer,
+      # Unlabelled: a zero stand-in (read-only, no memory) instead of `case.label`, never read.
+      label_in = case.label if labelled else np.broadcast_to(np.uint8(0), np.shape(case.image))
+      image, label = preprocess_case(case.image, label_in, case.spacing, normalizer=normalizer,
                                      in_plane_shape=in_plane_shape, in_plane_spacing=in_plane_spacing,
                                      bias_correction=bias_correction)
       depth = image.shape[2]
       images.append(np.moveaxis(image, 2, 0).astype(cache_dtype))
-      labels.append(np.moveaxis(label, 2, 0))
+      if labelled:
+        labels.append(np.moveaxis(label, 2, 0))
       first.append(np.full(depth, offset))
       last.append(np.full(depth, offset + depth - 1))
       case_index.append(np.full(depth, k))
       offset += depth
-    labels_arr = np.concatenate(labels)
+    images_arr = np.concatenate(images)
+    labels_arr = np.concatenate(labels) if labelled else None
     if slices == "foreground":
       eligible = np.flatnonzero(labels_arr.reshape(len(labels_arr), -1).max(axis=1) > 0)
+    elif slices == "nonempty":
+      flat = images_arr.reshape(len(images_arr), -1)
+      eligible = np.flatnonzero(flat.max(axis=1) > flat.min(axis=1))
     else:
-      eligible = np.arange(len(labels_arr))
+      eligible = np.arange(len(images_arr))
     if len(eligible) == 0:
-      raise DataError.single(f"site {site}", "has no slice with a foreground label to sample",
-                             "check its labels, or set data.slices='all'")
-    out[site] = SiteSlices(np.concatenate(images), labels_arr, np.concatenate(first),
+      what = "has no slice with a foreground label to sample" if labelled else \
+          "has no non-blank slice to sample (every slice is constant)"
+      fix = "check its labels, or set data.slices='all'" if labelled else "check its images"
+      raise DataError.single(f"site {site}", what, fix)
+    out[site] = SiteSlices(images_arr, labels_arr, np.concatenate(first),
                            np.concatenate(last), eligible, [c.case_id for c in cases],
                            np.concatenate(case_index))
   return SliceCache(out, dict(domain_ids), context_slices)
 
 
 def _balanced_batch(cache: SliceCache, sites: Sequence[str], per_site: int,
-                    rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """`per_site` random slices from each site, interleaved A, B, C, A, B, C, ..."""
+                    rng: np.random.Generator, *, labels: bool = True) -> dict[str, np.ndarray]:
+  """`per_site` random slices from each site, interleaved A, B, C, A, B, C, ...
+  `labels=False`: {'image', 'domain'} only, and no label is read."""
   n = len(sites)
   first = cache.sites[sites[0]]
   h, w = first.images.shape[1:]
   image = np.empty((per_site * n, h, w, cache.context_slices), np.float32)
-  label = np.empty((per_site * n, h, w), np.int32)
+  label = np.empty((per_site * n, h, w), np.int32) if labels else None
   domain = np.empty((per_site * n,), np.int32)
   for j, site in enumerate(sites):
     eligible = cache.sites[site].eligible
     idx = eligible[rng.integers(0, len(eligible), size=per_site)]
-    image[j::n], label[j::n] = cache.gather(site, idx)
+    if labels:
+      image[j::n], label[j::n] = cache.gather(site, idx)
+    else:
+      image[j::n] = cache.gather_images(site, idx)
     domain[j::n] = cache.domain_ids[site]
+  if not labels:
+    return {"image": image, "domain": domain}
   return {"image": image, "label": label, "domain": domain}
 
 
@@ -149,12 +196,23 @@ class _Resumable:
     self.step = int(state["step"])
 
 
-def _check_sites(cache: SliceCache, sites: Sequence[str]) -> list[str]:
+def _check_sites(cache: SliceCache, sites: Sequence[str], *, labelled: bool = True) -> list[str]:
   missing = [s for s in sites if s not in cache.sites]
   if missing or not sites:
     raise DataError.single(f"sampler sites {list(sites)}", f"site(s) {missing} are not in the cache",
                            f"use sites from {sorted(cache.sites)}")
+  unlabelled = [s for s in sites if not cache.is_labelled(s)]
+  if labelled and unlabelled:
+    raise _unlabelled_error(unlabelled)
   return list(sites)
+
+
+def _per_site(batch_size: int, sites: Sequence[str], *, key: str, role: str) -> int:
+  if batch_size < 1 or batch_size % len(sites):
+    raise DataError.single(f"{key}={batch_size}",
+                           f"is not a positive multiple of the {len(sites)} {role} sites",
+                           f"use a multiple of {len(sites)} so each batch is domain-balanced")
+  return batch_size // len(sites)
 
 
 class SliceSampler(_Resumable):
@@ -205,3 +263,47 @@ class EpisodicSampler(_Resumable):
     test_sites = order[self.meta_train_domains: self.meta_train_domains + self.meta_test_domains]
     return {"meta_train": _balanced_batch(self.cache, train_sites, self.slices_per_domain, rng),
             "meta_test": _balanced_batch(self.cache, test_sites, self.slices_per_domain, rng)}
+
+
+class SourceTargetSampler(_Resumable):
+  """Unsupervised domain adaptation: labelled source slices and unlabelled target slices.
+
+  `batch_at(step)` -> {'source': {'image', 'label', 'domain'}, 'target': {'image', 'domain'}}:
+  `batch_size / len(sources)` slices from each source site of `cache` and
+  `target_batch_size / len(targets)` (default `batch_size`) from each target site of
+  `adapt_cache`, each part interleaved by site like SliceSampler's, so `parallel.shard_batch`
+  gives every device a balanced share of both when each part's size per device is a multiple of
+  its number of sites. The target part never has a 'label' key and no target label is read
+  (`adapt_cache` is built without labels by prepare_data(target_adaptation=True)).
+
+  Both parts come from the step's one generator, source first: the source part equals
+  SliceSampler(cache, sites=sources, batch_size=batch_size, seed=seed).batch_at(step), so a UDA
+  run sees the same source stream as its source-only baseline.
+  """
+
+  def __init__(self, cache: SliceCache, adapt_cache: SliceCache | None, *, sources: Sequence[str],
+               targets: Sequence[str], batch_size: int, target_batch_size: int | None = None,
+               seed: int, step: int = 0):
+    super().__init__(seed, step)
+    if adapt_cache is None:
+      raise DataError.single("data.target_adaptation", "there is no unlabelled target (adaptation) data",
+                             "set data.target_adaptation=True and hold the target site(s) out "
+                             "(data.held_out)")
+    both = sorted(set(sources) & set(targets))
+    if both:
+      raise DataError.single(f"sites {both}", "cannot be both source and target",
+                             "a site is either labelled source data or unlabelled target data")
+    self.cache = cache
+    self.adapt_cache = adapt_cache
+    self.sources = _check_sites(cache, sources)
+    self.targets = _check_sites(adapt_cache, targets, labelled=False)
+    self.target_batch_size = batch_size if target_batch_size is None else int(target_batch_size)
+    self.per_source = _per_site(batch_size, self.sources, key="batch_size", role="source")
+    self.per_target = _per_site(self.target_batch_size, self.targets, key="target_batch_size",
+                                role="target")
+
+  def batch_at(self, step: int) -> dict[str, dict[str, np.ndarray]]:
+    rng = self._rng(step)
+    return {"source": _balanced_batch(self.cache, self.sources, self.per_source, rng),
+            "target": _balanced_batch(self.adapt_cache, self.targets, self.per_target, rng,
+                                      labels=False)}

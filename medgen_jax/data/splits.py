@@ -8,7 +8,9 @@ File format (`splits.json`):
 A case listed in two splits of its site is an error (train/test leakage, the problem users hit
 with SIFA's released data). Leave-one-site-out protocols are built on top of a split file:
 `leave_one_site_out` trains on the train lists of the other sites, selects models on their val
-lists, and tests on *every* case of the held-out site (as SAML and FedDG do).
+lists, and tests on *every* case of the held-out site (as SAML and FedDG do). With
+`target_adaptation=True` (unsupervised domain adaptation) a held-out site's train+val cases are
+instead unlabelled adaptation data ('adapt') and only its test list is tested.
 """
 
 from __future__ import annotations
@@ -142,21 +144,33 @@ def leave_one_site_out(sites: Sequence[str]) -> list[dict]:
   return [{"held_out": s, "sources": [t for t in sites if t != s]} for s in sites]
 
 
-def protocol_cases(splits: Splits, *, sources: Sequence[str], held_out: Sequence[str] = ()
-                   ) -> dict[str, dict[str, list[str]]]:
-  """Case lists of one protocol: {'train': {site: ids}, 'val': {...}, 'test': {...}}.
+def protocol_cases(splits: Splits, *, sources: Sequence[str], held_out: Sequence[str] = (),
+                   target_adaptation: bool = False) -> dict[str, dict[str, list[str]]]:
+  """Case lists of one protocol: {'train': {site: ids}, 'val': {...}, 'test': {...}, 'adapt': {...}}.
 
-  Sources contribute their train and val lists and their own test list (in-domain test); each
-  held-out site contributes all of its cases to test and nothing else.
+  Sources contribute their train and val lists and their own test list (in-domain test).
+  Held-out (target) sites never contribute to 'train' or 'val' (model selection on 'val' never
+  sees a target case):
+  * `target_adaptation=False` (domain generalization): all of a held-out site's cases are test
+    cases; 'adapt' is empty.
+  * `target_adaptation=True` (unsupervised domain adaptation): its train+val cases are 'adapt'
+    (unlabelled adaptation data: their images may be trained on, their labels never) and its
+    test list is 'test'. `make_splits` splits each site on its own (its generator is seeded by
+    the seed and the site name only), so these are the very cases a run with the target as a
+    source tests in-domain: UDA and supervised-target results are measured on the same cases.
   """
   overlap = set(sources) & set(held_out)
   if overlap:
     raise DataError.single(f"data.held_out={sorted(overlap)}", "a site cannot be both source and held out",
                            "remove it from data.sites or from data.held_out")
-  out: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}, "test": {}}
+  out: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}, "test": {}, "adapt": {}}
   for site in sources:
     for name in SPLIT_NAMES:
       out[name][site] = list(splits[site].get(name, []))
   for site in held_out:
-    out["test"][site] = sorted(sum((list(splits[site].get(n, [])) for n in SPLIT_NAMES), []))
+    if target_adaptation:
+      out["adapt"][site] = sorted(list(splits[site].get("train", [])) + list(splits[site].get("val", [])))
+      out["test"][site] = list(splits[site].get("test", []))
+    else:
+      out["test"][site] = sorted(sum((list(splits[site].get(n, [])) for n in SPLIT_NAMES), []))
   return out
