@@ -13,6 +13,21 @@
 5. builds the training slice cache (unless `build_train=False`, for evaluation and prediction).
    Validation/test volumes stay whole for 3-D evaluation.
 
+Unsupervised domain adaptation (`target_adaptation=True`): each held-out (target) site's
+train+val cases are unlabelled adaptation data (`cases['adapt']`) and its test cases its test
+set (see splits.protocol_cases). With `build_train`, `PreparedData.adapt` is their image-only
+slice cache (`SiteSlices.labels is None`; no adaptation case's `label` is ever read, so no
+target label can reach a training batch), drawn by `SourceTargetSampler`. Its slices are the
+'nonempty' ones (every slice whose image is not constant): `data.slices='foreground'` needs
+labels, so target slices are not restricted to the labelled structure's extent as source
+slices then are. Target volumes are normalized like every other volume, by the normalizer
+fitted on the source training cases only: `histogram` maps them onto the landmarks of the
+source training volumes (an intensity-histogram alignment that cannot give e.g. CT and MR
+intensities the same tissue meaning); `whitening` and `scaled` use each volume's own
+statistics (nothing fitted, so a target volume is normalized exactly as it would be as a
+source). Target labels are read from disk only by the validation in `load_dataset` and, for
+the target test cases, by evaluation; model selection on 'val' uses source cases only.
+
 Nothing here writes files: the trainer saves splits.json and normalizer.json once a run starts.
 """
 
@@ -32,7 +47,7 @@ from medgen_jax.data.normalize import Normalizer, make_normalizer
 from medgen_jax.data.sampler import SliceCache, build_slice_cache
 from medgen_jax.data.splits import (check_same_cases, check_splits_match_cases, load_splits,
                                     make_splits, protocol_cases)
-from medgen_jax.data.synthesize import ensure_brain_sites
+from medgen_jax.data.synthesize import ensure_benchmark
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -48,7 +63,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.channel = -1               # channel of 4-D images; -1 = images must be 3-D
   c.skip_bad_cases = False     # True: drop bad cases with a warning naming each file
   c.synthesize = ml_collections.ConfigDict(
-      {"if_missing": True, "sites": 4, "cases_per_site": 6, "seed": 0})
+      {"if_missing": True, "benchmark": "brain-sites", "sites": 4, "cases_per_site": 6, "seed": 0})
   c.split_file = ""            # '' = make one from `split` and save it as <workdir>/splits.json
   c.split = ml_collections.ConfigDict({"val_fraction": 0.2, "test_fraction": 0.2, "seed": 0})
   c.bias_correction = "none"
@@ -62,6 +77,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.context_slices = 1         # odd k: k adjacent slices as channels (2.5-D)
   c.slices = "foreground"      # foreground | all: which slices are drawn for training
   c.cache_dtype = "float32"    # float32 | float16
+  # True (unsupervised domain adaptation): each held-out (target) site's train+val cases become
+  # unlabelled adaptation data (split 'adapt': images only, never labels), its test cases the
+  # test set; False (domain generalization): every held-out case is a test case.
+  c.target_adaptation = False
   return c
 
 
@@ -75,8 +94,10 @@ class PreparedData:
   protocol: dict[str, dict[str, list[str]]]   # split -> site -> case ids
   normalizer: Normalizer
   train: SliceCache | None                   # None when built without the training cache
-  cases: dict[str, dict[str, list[Case]]]    # split -> site -> whole volumes
+  cases: dict[str, dict[str, list[Case]]]    # split -> site -> whole volumes ('adapt': target sites'
+                                             # unlabelled cases, empty unless target_adaptation)
   case_ids: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # every loaded case, per site
+  adapt: SliceCache | None = None            # image-only target cache (target_adaptation and build_train)
 
   @property
   def num_classes(self) -> int:
@@ -107,11 +128,12 @@ def ensure_dataset(config: ml_collections.ConfigDict, *, progress=print) -> Path
   """`config.root`, after generating the brain-sites benchmark there if it is missing and
   `synthesize.if_missing` (process 0 generates; the other processes wait for it)."""
   root = Path(config.root)
+  benchmark = config.synthesize.get("benchmark", "brain-sites")
   if parallel.is_main_process() and not root.exists() and config.synthesize.if_missing \
-      and root.name.startswith("brain-sites"):
-    ensure_brain_sites(root, sites=config.synthesize.sites,
-                       cases_per_site=config.synthesize.cases_per_site,
-                       seed=config.synthesize.seed, progress=progress)
+      and root.name.startswith(benchmark):
+    ensure_benchmark(root, benchmark=benchmark, sites=config.synthesize.sites,
+                     cases_per_site=config.synthesize.cases_per_site,
+                     seed=config.synthesize.seed, progress=progress)
   parallel.barrier("medgen_jax.prepare_data:dataset")
   return root
 
@@ -155,7 +177,12 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
   else:
     splits = make_splits(case_ids, val_fraction=config.split.val_fraction,
                          test_fraction=config.split.test_fraction, seed=config.split.seed)
-  protocol = protocol_cases(splits, sources=sources, held_out=held_out)
+  target_adaptation = bool(config.get("target_adaptation", False))
+  if target_adaptation and not held_out:
+    raise DataError.single("data.target_adaptation=True", "needs target sites to adapt to",
+                           "list the target site(s) in data.held_out")
+  protocol = protocol_cases(splits, sources=sources, held_out=held_out,
+                            target_adaptation=target_adaptation)
   by_key = {c.key: c for cases in cases_by_site.values() for c in cases}
   cases = {name: {site: [by_key[f"{site}/{cid}"] for cid in ids] for site, ids in per_site.items()}
            for name, per_site in protocol.items()}
@@ -163,6 +190,13 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
   if empty_train:
     raise DataError.single(f"sites {empty_train}", "have no training case",
                            "give them more cases or lower data.split.val_fraction/test_fraction")
+  if target_adaptation:
+    for split, what in (("adapt", "no unlabelled adaptation (train+val) case"), ("test", "no test case")):
+      empty = [s for s in held_out if not cases[split][s]]
+      if empty:
+        raise DataError.single(f"target sites {empty}", f"have {what} with data.target_adaptation=True",
+                               "give them more cases (>= 3 each), change data.split.test_fraction, "
+                               "or set data.target_adaptation=False")
 
   run_normalizer = Path(run_dir) / "normalizer.json" if run_dir is not None else None
   if run_normalizer is not None and run_normalizer.is_file():
@@ -177,5 +211,13 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
                               in_plane_spacing=tuple(config.in_plane_spacing) or None,
                               context_slices=config.context_slices, cache_dtype=config.cache_dtype,
                               slices=config.slices, bias_correction=config.bias_correction)
+  adapt = None
+  if build_train and target_adaptation:
+    adapt = build_slice_cache(cases["adapt"], normalizer=normalizer,
+                              in_plane_shape=tuple(config.in_plane_shape), domain_ids=domain_ids,
+                              in_plane_spacing=tuple(config.in_plane_spacing) or None,
+                              context_slices=config.context_slices, cache_dtype=config.cache_dtype,
+                              slices="nonempty", bias_correction=config.bias_correction,
+                              labelled=False)
   return PreparedData(info, sources, held_out, domain_ids, splits, protocol, normalizer, train, cases,
-                      case_ids)
+                      case_ids, adapt)
