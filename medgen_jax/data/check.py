@@ -13,6 +13,11 @@ dataset.json) the site of each case comes from --site-csv (columns case,site) or
 Exit 0 with a per-site summary table (cases, shapes, spacing range, intensity range, label voxel
 counts), or exit 1 with one line per problem, each naming the file and the fix. The loader
 (`load_dataset`) finds exactly the same problems.
+
+A raw cross-modality release (MM-WHS `.tfrecords`/`.npz` of PnP-AdaNet/SIFA, a CHAOS DICOM+PNG
+folder, BTCV `img/`+`label/`) is recognised too (or named with --layout mmwhs|chaos|btcv): every
+file is read and each bad one gets a line with its fix; training needs it converted first
+(`python -m medgen_jax.data.convert`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 
 import numpy as np
 
+from medgen_jax.data.convert import FORMATS as RAW_FORMATS, check_raw, detect_raw_format
 from medgen_jax.data.errors import DataError
 from medgen_jax.data.layouts import LAYOUTS
 from medgen_jax.data.loading import inspect_dataset
@@ -60,7 +66,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m medgen_jax.data.check", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("root")
-  parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
+  parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS + RAW_FORMATS)
   parser.add_argument("--sites", default="", help="comma-separated subset of sites (default: all folders)")
   parser.add_argument("--channel", type=int, default=None,
                       help="channel to use from 4-D images (msd: also the nnU-Net _000K file)")
@@ -68,6 +74,18 @@ def main(argv=None) -> int:
   parser.add_argument("--site-pattern", default="",
                       help="msd layout: regular expression with a named group 'site', searched in the case id")
   args = parser.parse_args(argv)
+  raw = args.layout if args.layout in RAW_FORMATS else (
+      detect_raw_format(args.root) if args.layout == "auto" else None)
+  if raw:
+    lines, problems = check_raw(args.root, raw)
+    for p in problems:
+      print(p, file=sys.stderr)
+    if problems:
+      print(f"check failed: {len(problems)} problem(s)", file=sys.stderr)
+      return 1
+    print("\n".join(lines))
+    print("ok")
+    return 0
   sites = [s for s in args.sites.split(",") if s] or None
   try:
     info, cases_by_site, problems = inspect_dataset(args.root, layout=args.layout, sites=sites,
