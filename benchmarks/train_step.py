@@ -34,12 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from medgen_jax import methods, parallel, train_lib  # noqa: E402
 from medgen_jax.config import base_config  # noqa: E402
 from medgen_jax.data.pipeline import prepare_data  # noqa: E402
-from medgen_jax.train_state import create_train_state, make_model, make_optimizer  # noqa: E402
 
 
 def peak_memory_mb() -> float:
@@ -66,23 +64,16 @@ def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, st
   config.dtype = dtype
   config.model.fast_ops = fast
   config.batch_size = batch
+  config.num_steps = 1000
   data = prepare_data(config.data, progress=None)
   sources = list(data.sources)
-  if not methods.is_episodic(method):
+  if methods.get(method).SAMPLER != "episodic":
     while batch % len(sources):
       sources = sources[:-1]
   sampler = train_lib.make_sampler(config, data, sources)
-  model = make_model(config.model, num_classes=data.num_classes, dtype=dtype,
-                     bn_axis_name=parallel.AXIS_NAME)
-  tx = make_optimizer(config.optimizer, num_steps=1000)
-  state = create_train_state(0, model, tx, input_shape=(1, size, size, 1))
-  metric_model, metric_tx = train_lib.make_metric_network(config)
-  if metric_model is not None:
-    phi = metric_model.init(jax.random.PRNGKey(1), np.zeros((1, config.model.base_features)))["params"]
-    state = state.replace(metric_params=phi, metric_opt_state=metric_tx.init(phi))
-  runner = parallel.DataParallel(methods.MODULES[method].make_train_step(
-      model, tx, config, num_classes=data.num_classes, axis_name=parallel.AXIS_NAME,
-      metric_model=metric_model, metric_tx=metric_tx))
+  parts = train_lib.init_run_parts(config, data.num_classes)  # the method's own networks and step
+  runner = parallel.DataParallel(parts.step)
+  state = parts.state
   state = runner.replicate(state)
   key = jax.random.PRNGKey(0)
   host_batch = next(sampler)
@@ -115,7 +106,7 @@ def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, st
             "step_ms": round(step_s * 1000, 2), "slices_per_s": round(batch / step_s, 2),
             "compile_s": round(compile_s, 2), "peak_mem_mb": round(peak_memory_mb(), 1),
             "data_wait_fraction": round(wait / total, 4)}
-  if methods.is_episodic(method):
+  if methods.get(method).SAMPLER == "episodic":
     result["order"] = 1 if first_order else 2
   return result
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import ml_collections
 
+from medgen_jax import methods
 from medgen_jax.augment import default_augment_config
 from medgen_jax.data.pipeline import default_data_config
 
-METHODS = ("deepall", "separate", "mldg", "masf", "saml")
+METHODS = tuple(methods.MODULES)
 SELECTIONS = ("val", "last", "oracle")
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "deepall"          # deepall (= Joint) | separate | mldg | masf | saml
+  c.method = "deepall"          # a name of medgen_jax/methods (METHODS): deepall (= Joint), separate, ...
   c.seed = 0                    # init, dropout and data-sampling seed
   c.data = default_data_config()
 
@@ -147,13 +148,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fail(key, "must be >= 1")
   if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
     fail("checkpoint", "every and keep must be >= 1")
-  if config.method in ("mldg", "masf", "saml"):
-    groups = config.meta.meta_train_domains + config.meta.meta_test_domains
-    if config.batch_size % groups:
-      fail("batch_size", f"{config.batch_size} is not a multiple of the {groups} domains of an episode "
-           "(meta.meta_train_domains + meta.meta_test_domains)")
-    if config.meta.outer_clip < 0 or config.meta.task_learning_rate < 0:
-      fail("meta", "outer_clip and task_learning_rate must be >= 0 (0: off / optimizer.learning_rate)")
+  module = methods.get(config.method)
+  if hasattr(module, "validate"):
+    module.validate(config)
   if config.meta.optimizers not in ("summed", "released"):
     fail("meta.optimizers", f"unknown mode {config.meta.optimizers!r}; use summed | released")
   if config.meta.optimizers == "released" and config.method not in ("masf", "saml"):

@@ -23,12 +23,12 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> int:
   del argv
-  from medgen_jax import train_lib  # imports JAX; keep --help fast
+  from medgen_jax import evaluation, runs  # imports JAX; keep --help fast
 
-  config = train_lib.load_run_config(FLAGS.workdir)
+  config = runs.load_run_config(FLAGS.workdir)
   if FLAGS.selection:
     config.eval.selection = FLAGS.selection
-  result = train_lib.evaluate_run(config, FLAGS.workdir)
+  result = evaluation.evaluate_run(config, FLAGS.workdir)
   print(result["markdown"])
   return 0
 

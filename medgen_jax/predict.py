@@ -7,7 +7,7 @@ skipped); or a site folder of the `sites` dataset layout: when the folder holds 
 `*_image.nii[.gz]` file, only those are inputs (the `*_label` files and anything else are ignored).
 
 Model: the run's selected checkpoint (by the run's own selection rule, the one results.md
-reports) restored by `train_lib.load_trained_models`, with the intensity normalizer fitted on
+reports) restored by `evaluation.load_trained_models`, with the intensity normalizer fitted on
 the run's training cases (`RUN/normalizer.json`) and the run's preprocessing (`config.data`).
 A run of method `separate` has one model per source site (`separate_<site>`): choose one with
 `--model`. `--channel K` picks the volume K of 4-D inputs (default: the run's `data.channel`).
@@ -161,10 +161,10 @@ def check_run(workdir: Path) -> dict:
 
 def load_run(workdir: Path):
   """(config, normalizer, models) of a checked run: the selected checkpoint of each model."""
-  from medgen_jax import train_lib  # imports JAX; keep `--help` and argument errors fast
+  from medgen_jax import evaluation  # imports JAX; keep `--help` and argument errors fast
 
   try:
-    loaded = train_lib.load_trained_models(workdir)  # (config, normalizer, models)
+    loaded = evaluation.load_trained_models(workdir)  # (config, normalizer, models)
   except (ValueError, OSError, KeyError) as e:  # DataError is a ValueError
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     detail = " | ".join(lines) or type(e).__name__

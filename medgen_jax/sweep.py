@@ -11,7 +11,7 @@ site of the dataset when it is empty) and the other sites of `data.sites` are th
 
 Runs already in DIR: a finished run (results.json present) is not redone and an interrupted one
 resumes from its checkpoints, but only if its `config.json` equals the config the sweep would run
-now (`train_lib.config_differences`, the trainer's own rule: keys in `train_lib.RESUMABLE_KEYS` may differ)
+now (`runs.config_differences`, the trainer's own rule: keys in `runs.RESUMABLE_KEYS` may differ)
 and, for a finished run, its results were selected by the same `eval.selection`. Otherwise the
 sweep REFUSES before training anything, one line per such run naming the run dir and the
 differing keys (fix: a new --workdir, or delete the run dir); it never reports old runs under new
@@ -159,10 +159,10 @@ def check_existing_run(config, run_dir: Path) -> str | None:
     saved = json.loads(config_path.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     return f"{config_path}: cannot be read ({' '.join(str(e).split())}). {fix}"
-  from medgen_jax import train_lib  # imports JAX; keep `--help` fast
+  from medgen_jax import runs  # imports JAX; keep `--help` fast
 
-  # The trainer's own rule (train_lib.check_config): keys in train_lib.RESUMABLE_KEYS may differ.
-  differ = train_lib.config_differences(saved, json.loads(config.to_json()))
+  # The trainer's own rule (runs.check_config): keys in runs.RESUMABLE_KEYS may differ.
+  differ = runs.config_differences(saved, json.loads(config.to_json()))
   if differ:
     return (f"{run_dir}: holds a run with a different config ({', '.join(differ)} differ from the "
             f"sweep's settings now). {fix}")

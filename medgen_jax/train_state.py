@@ -18,19 +18,30 @@ SCHEDULES = ("constant", "cosine", "exponential")
 
 
 @flax.struct.dataclass
+class NetState:
+  """One network a method trains besides its segmenter: params, BN statistics, optimizer state
+  (`()` for a frozen network)."""
+
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+@flax.struct.dataclass
 class TrainState:
   """Everything a run needs to continue bit-identically: params (float32), BN statistics,
-  optimizer state, step, and the run's base PRNG key (step keys are fold_in(rng, step))."""
+  optimizer state, step, and the run's base PRNG key (step keys are fold_in(rng, step)).
+
+  `params`/`batch_stats`/`opt_state` are the method's main network (the segmenter, or what it
+  adapts); every other network it trains (MASF/SAML's metric net, discriminators, a frozen
+  source model, ...) is a named `NetState` in `nets` (methods/base.py)."""
 
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # raw uint32[2] key
-  # Methods with a second network (MASF/SAML's metric embedding M_φ) keep it here, with its own
-  # optimizer state; empty for the others.
-  metric_params: Any = flax.struct.field(default_factory=dict)
-  metric_opt_state: Any = flax.struct.field(default_factory=dict)
+  nets: Any = flax.struct.field(default_factory=dict)   # name -> NetState
   # Episodic methods run "as released" (meta.optimizers='released') keep a second optimizer
   # state for θ: the task loss's own optimizer; empty otherwise.
   task_opt_state: Any = flax.struct.field(default_factory=dict)
@@ -91,9 +102,11 @@ def make_optimizer(opt: ml_collections.ConfigDict, *, num_steps: int) -> optax.G
   return tx
 
 
-def create_train_state(seed: int, model, tx, *, input_shape) -> TrainState:
-  """Initializes params (float32) from `seed`; the state's rng is an independent key."""
-  init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
+def create_train_state(seed, model, tx, *, input_shape) -> TrainState:
+  """Initializes params (float32) from `seed` (an int or a PRNG key); the state's rng is an
+  independent key."""
+  key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+  init_key, run_key = jax.random.split(key)
   variables = jax.jit(lambda k: model.init(k, jnp.zeros(input_shape, jnp.float32), train=False))(init_key)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,

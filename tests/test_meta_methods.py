@@ -26,7 +26,7 @@ from medgen_jax.models import metric as metric_module
 from medgen_jax.models import norms as norms_module
 from medgen_jax.models import unet as unet_module
 from medgen_jax.models.metric import MetricNet
-from medgen_jax.train_state import create_train_state, make_optimizer
+from medgen_jax.train_state import NetState, create_train_state, make_optimizer
 
 SIZE, CLASSES, PER_DOMAIN = 8, 3, 4
 MODEL = {"base_features": 4, "depth": 1}
@@ -68,11 +68,11 @@ def build(config, *, axis_name=None):
   model = UNet(CLASSES, **MODEL, bn_axis_name=axis_name)
   state = create_train_state(0, model, tx, input_shape=(1, SIZE, SIZE, 1))
   metric_model = metric_tx = None
-  if method in methods.WITH_METRIC_NET:
+  if method in ("masf", "saml"):
     metric_model = MetricNet(tuple(config[method].metric_features))
     metric_tx = (optax.sgd if config.optimizer.name == "sgd" else optax.adam)(config[method].metric_lr)
     phi = metric_model.init(jax.random.PRNGKey(3), jnp.zeros((1, MODEL["base_features"])))["params"]
-    state = state.replace(metric_params=phi, metric_opt_state=metric_tx.init(phi))
+    state = state.replace(nets={"metric": NetState(phi, {}, metric_tx.init(phi))})
   task_tx = episodic.make_task_optimizer(config)
   if task_tx is not None:
     state = state.replace(task_opt_state=task_tx.init(state.params))
@@ -119,7 +119,8 @@ def exact_reference(config, state, ep, *, eps=1e-5, random_directions=2):
         lambda x: jnp.asarray(x, jnp.float64) if np.issubdtype(np.asarray(x).dtype, np.floating)
         else jnp.asarray(x), t)
     model = UNet(CLASSES, **MODEL, dtype=jnp.float64)
-    theta, phi, stats = to64(state.params), to64(state.metric_params), to64(state.batch_stats)
+    phi = state.nets["metric"].params if state.nets else {}
+    theta, phi, stats = to64(state.params), to64(phi), to64(state.batch_stats)
     meta_train, meta_test = to64(ep["meta_train"]), to64(ep["meta_test"])
     key = jax.random.PRNGKey(0)  # no dropout, no augmentation: keys do not matter
     loss_fn = episodic.make_loss_fn(model, config, num_classes=CLASSES)
@@ -211,8 +212,8 @@ def test_summed_step_is_the_gradient_of_the_whole_objective(reference, method):
   update = jax.tree.map(lambda a, b: a - b, ref.state.params, ref.second.params)  # SGD, rate 1
   assert relative(update, ref.exact.grad, ref.exact.grad) < 1e-5
   if method != "mldg":  # φ: its own SGD at metric_lr on ∂F/∂φ
-    phi_update = jax.tree.map(lambda a, b: (a - b) / METRIC_LR, ref.state.metric_params,
-                              ref.second.metric_params)
+    phi_update = jax.tree.map(lambda a, b: (a - b) / METRIC_LR, ref.state.nets["metric"].params,
+                              ref.second.nets["metric"].params)
     assert relative(phi_update, ref.exact.grad_phi, ref.exact.grad_phi) < 1e-5
 
 
@@ -241,8 +242,9 @@ def test_second_order_step_on_n_devices_equals_one_device(reference, method, num
   assert relative(host.params, ref.second.params, ref.exact.hessian) < 1e-4
   np.testing.assert_allclose(metrics["loss"], ref.metrics["loss"], rtol=1e-5)
   if method != "mldg":
-    phi_update = jax.tree.map(lambda a, b: a - b, ref.state.metric_params, ref.second.metric_params)
-    assert relative(host.metric_params, ref.second.metric_params, phi_update) < 1e-4
+    phi_ref, phi_new = ref.state.nets["metric"].params, ref.second.nets["metric"].params
+    phi_update = jax.tree.map(lambda a, b: a - b, phi_ref, phi_new)
+    assert relative(host.nets["metric"].params, phi_new, phi_update) < 1e-4
 
 
 # --- optimizers: 'summed' and 'released' ---------------------------------------------------------

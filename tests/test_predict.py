@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import AFFINE, make_sites_dataset, tiny_config, write_nii
-from medgen_jax import metrics, predict, train_lib
+from medgen_jax import evaluation, metrics, predict, train_lib
 from medgen_jax.inference import make_predict_fn, predict_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +31,15 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(run):
-  """train_lib.load_trained_models(run): (config, normalizer, [model]), loaded once."""
-  return train_lib.load_trained_models(run[1])
+  """evaluation.load_trained_models(run): (config, normalizer, [model]), loaded once."""
+  return evaluation.load_trained_models(run[1])
 
 
 @pytest.fixture
 def cached_loader(monkeypatch, loaded):
   """predict.main without reloading the run each time (restoring compiles a train state, tens of
   seconds on a busy CPU); the real loading path is tested by the file test."""
-  monkeypatch.setattr(train_lib, "load_trained_models", lambda workdir, **kw: loaded)
+  monkeypatch.setattr(evaluation, "load_trained_models", lambda workdir, **kw: loaded)
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def test_sweep_runs_every_fold_and_resumes(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(train_lib, "train_and_evaluate", no_training)
   assert sweep.main(argv) == 0
   assert (tmp_path / "sweep" / "sweep.md").read_text() == table
-  # Keys in train_lib.RESUMABLE_KEYS do not change what was computed: still reused.
+  # Keys in runs.RESUMABLE_KEYS do not change what was computed: still reused.
   assert sweep.main(argv + ["--set", "log_every=7", "--set", "eval.batch_size=3"]) == 0
   capsys.readouterr()
 

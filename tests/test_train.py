@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import make_sites_dataset, tiny_config
-from medgen_jax import parallel, train_lib
+from medgen_jax import evaluation, parallel, runs, train_lib
 from medgen_jax.checkpoint import CheckpointWarning, Checkpoints, abstract_like
 from medgen_jax.config import base_config
 from medgen_jax.data.sampler import SliceSampler
@@ -86,7 +86,7 @@ def test_train_and_evaluate_writes_every_output(dataset, tmp_path):
   assert csv_lines[0].startswith("method,site,role,case,class_index,dice,asd_mm,hd95_mm")
   assert len(csv_lines) == 1 + 7 * 3  # 7 test volumes x 3 foreground classes
   # Re-evaluating the saved run gives the same table (no training step is taken).
-  again = train_lib.evaluate_run(train_lib.config_from_json(json.loads((run / "config.json").read_text())), run)
+  again = evaluation.evaluate_run(runs.config_from_json(json.loads((run / "config.json").read_text())), run)
   assert again["markdown"] == result["markdown"]
 
 
@@ -340,14 +340,14 @@ def test_resume_with_another_selection_rule_and_evaluate_errors(dataset, finishe
   copy = _copy(run, tmp_path)
   # The run recorded validation scores only: oracle selection is one clear line, not a KeyError.
   with pytest.raises(ValueError, match="no checkpoint of 'deepall' recorded oracle_dice.*Fix"):
-    train_lib.evaluate_run(_with_selection(copy, "oracle"), copy)
+    evaluation.evaluate_run(_with_selection(copy, "oracle"), copy)
   # Resuming a finished run with a changed eval.selection works (it is a resumable key).
   last = train_lib.train_and_evaluate(tiny_config(dataset, **{"eval.selection": "last"}), copy)
   assert "selection rule: last checkpoint" in last["markdown"]
 
 
 def _with_selection(workdir, selection):
-  config = train_lib.load_run_config(workdir)
+  config = runs.load_run_config(workdir)
   config.eval.selection = selection
   return config
 

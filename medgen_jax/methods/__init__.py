@@ -1,16 +1,34 @@
-"""Methods: each file holds its loss and its train step, built from shared parts.
+"""Methods: one module per method, each declaring what it trains and how (methods/base.py).
 
-Every module exposes `make_train_step(model, tx, config, *, num_classes, axis_name, bn_sync,
-metric_model=None, metric_tx=None, task_tx=None)` returning the pure `step(state, batch, key)`
-(`task_tx`: MASF/SAML's second optimizer when `meta.optimizers='released'`), and `EPISODIC`
-(True: batches come from the episodic sampler as {'meta_train': ..., 'meta_test': ...}).
+`get(name)` is the registry the trainer uses; adding a method is adding its module here.
+Each module also keeps its lower-level `make_train_step(model, tx, config, ...)`, the step built
+from given networks and optimizers, for tests and for users who bring their own networks.
 """
+
+from __future__ import annotations
 
 from medgen_jax.methods import deepall, masf, mldg, saml
 
 MODULES = {"deepall": deepall, "separate": deepall, "mldg": mldg, "masf": masf, "saml": saml}
-WITH_METRIC_NET = ("masf", "saml")
 
 
-def is_episodic(name: str) -> bool:
-  return getattr(MODULES[name], "EPISODIC", False)
+def get(name: str):
+  """The module of method `name`; a ValueError naming the choices otherwise."""
+  if name not in MODULES:
+    raise ValueError(f"config.method: unknown method {name!r}; use one of {', '.join(MODULES)}")
+  return MODULES[name]
+
+
+def label(config, sources) -> str:
+  """The method's name in result tables."""
+  module = get(config.method)
+  return module.label(config, sources) if hasattr(module, "label") else module.LABEL
+
+
+def model_runs(config, sources) -> list[tuple[str, list[str]]]:
+  """[(model name, its source sites)] of one run: one model on all sources unless the method
+  says otherwise (Separate: one per site)."""
+  module = get(config.method)
+  if hasattr(module, "model_runs"):
+    return module.model_runs(config, sources)
+  return [(config.method, list(sources))]

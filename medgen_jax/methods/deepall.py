@@ -13,11 +13,15 @@ function runs on one device unchanged.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from medgen_jax import augment, losses
-from medgen_jax.train_state import TrainState
+from medgen_jax.methods.base import (device_mean, flag_non_finite, fold_device, segmenter_variables, split_dice,
+                                     state_norms, update_net)
+from medgen_jax.train_state import TrainState, create_train_state, make_model, make_optimizer
+
+LABEL = "DeepAll"
+SAMPLER = "pooled"
 
 
 def segmentation_terms(logits, labels, params, loss_config, *, num_classes: int,
@@ -46,51 +50,41 @@ def make_loss_fn(model, loss_config, *, num_classes: int, axis_name: str | None 
 
 
 def finish_step(state: TrainState, tx, grads, metrics, batch_stats, *, axis_name, bn_sync,
-                metric_tx=None, metric_grads=None, task_tx=None, task_grads=None):
-  """Shared tail of every method's step: average over devices, apply the optimizer(s).
+                task_tx=None, task_grads=None, net_grads=None, net_txs=None):
+  """Shared tail of a segmenter step: average over devices, apply the optimizer(s).
 
   `tx` applies `grads`; with `task_tx`, a second optimizer (state `task_opt_state`) applies
   `task_grads` to the same parameters and the two updates are summed, as when TF ran two train
-  ops in one `session.run` (MASF/SAML as released). `metric_tx` updates the metric network.
+  ops in one `session.run` (MASF/SAML as released). `net_grads[name]` updates the named network
+  `state.nets[name]` with `net_txs[name]` (MASF/SAML's metric network).
   The step also records in `first_bad_step` the first step whose loss, gradient norm, new
   parameters or BatchNorm statistics are not finite (the trainer's divergence guard; nothing is
   skipped here).
   """
-  if axis_name is not None:
-    grads = jax.lax.pmean(grads, axis_name)
-    metrics = jax.lax.pmean(metrics, axis_name)
-    if metric_grads is not None:
-      metric_grads = jax.lax.pmean(metric_grads, axis_name)
-    if task_grads is not None:
-      task_grads = jax.lax.pmean(task_grads, axis_name)
-    if not bn_sync:  # keep the replicated state identical: average per-device statistics
-      batch_stats = jax.lax.pmean(batch_stats, axis_name)
+  net_grads = net_grads or {}
+  grads = device_mean(grads, axis_name)
+  metrics = device_mean(metrics, axis_name)
+  net_grads = device_mean(net_grads, axis_name)
+  task_grads = device_mean(task_grads, axis_name)
+  if axis_name is not None and not bn_sync:  # keep the replicated state identical
+    batch_stats = jax.lax.pmean(batch_stats, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new = state.replace(opt_state=opt_state)
   grad_norm = optax.tree.norm(grads)
+  checked = [metrics["loss"], grad_norm]
   if task_tx is not None:
     task_updates, task_opt_state = task_tx.update(task_grads, state.task_opt_state, state.params)
     updates = jax.tree.map(lambda a, b: a + b, updates, task_updates)
     new = new.replace(task_opt_state=task_opt_state)
     metrics = dict(metrics, task_grad_norm=optax.tree.norm(task_grads))
-  params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=grad_norm)
-  dice = metrics.pop("dice", None)
-  if dice is not None:
-    metrics.update({f"dice_{c}": dice[c] for c in range(dice.shape[0])})
-  new = new.replace(step=state.step + 1, params=params, batch_stats=batch_stats)
-  checked = [metrics["loss"], grad_norm, optax.tree.norm(params), optax.tree.norm(batch_stats)]
-  if metric_grads is not None:
-    metric_updates, metric_opt_state = metric_tx.update(metric_grads, state.metric_opt_state,
-                                                        state.metric_params)
-    metric_params = optax.apply_updates(state.metric_params, metric_updates)
-    new = new.replace(metric_params=metric_params, metric_opt_state=metric_opt_state)
-    checked.append(optax.tree.norm(metric_params))
-  if task_grads is not None:
     checked.append(metrics["task_grad_norm"])
-  finite = jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(v, jnp.float32) for v in checked])))
-  first_bad = jnp.where((state.first_bad_step == 0) & ~finite, state.step + 1, state.first_bad_step)
-  return new.replace(first_bad_step=first_bad.astype(jnp.int32)), metrics
+  params = optax.apply_updates(state.params, updates)
+  metrics = split_dice(dict(metrics, grad_norm=grad_norm))
+  nets = dict(state.nets)
+  for name, g in net_grads.items():
+    nets[name] = update_net(nets[name], net_txs[name], g)
+  new = new.replace(step=state.step + 1, params=params, batch_stats=batch_stats, nets=nets)
+  return flag_non_finite(state, new, checked + state_norms(new)), metrics
 
 
 def make_train_step(model, tx: optax.GradientTransformation, config, *, num_classes: int,
@@ -99,8 +93,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config, *, num_clas
   augment_config = config.get("augment")
 
   def step(state: TrainState, batch, key):
-    if axis_name is not None:
-      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    key = fold_device(key, axis_name)
     augment_key, dropout_key = jax.random.split(key)
     batch = augment.maybe_augment(augment_key, batch, augment_config)
     (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -108,3 +101,47 @@ def make_train_step(model, tx: optax.GradientTransformation, config, *, num_clas
     return finish_step(state, tx, grads, metrics, batch_stats, axis_name=axis_name, bn_sync=bn_sync)
 
   return step
+
+
+# --- The method interface (methods/base.py) ------------------------------------------------------
+
+
+def segmenter(config, info, *, train: bool):
+  """The U-Net of config.model; for training, its BatchNorm synchronized over the data-parallel
+  axis when `config.bn_sync` (and the trainer pmaps the step)."""
+  sync = train and config.bn_sync and config.model.norm == "batch" and info.axis_name is not None
+  return make_model(config.model, num_classes=info.num_classes, dtype=config.dtype,
+                    bn_axis_name=info.axis_name if sync else None)
+
+
+def bn_synced(config, info) -> bool:
+  return config.bn_sync and config.model.norm == "batch" and info.axis_name is not None
+
+
+def init_state(key, config, info) -> TrainState:
+  tx = make_optimizer(config.optimizer, num_steps=config.num_steps)
+  return create_train_state(key, segmenter(config, info, train=False), tx,
+                            input_shape=(1, *info.input_shape))
+
+
+def make_step(config, info):
+  return make_train_step(segmenter(config, info, train=True),
+                         make_optimizer(config.optimizer, num_steps=config.num_steps), config,
+                         num_classes=info.num_classes, axis_name=info.axis_name,
+                         bn_sync=bn_synced(config, info))
+
+
+def eval_network(config, info):
+  return segmenter(config, info, train=False), segmenter_variables
+
+
+def label(config, sources) -> str:
+  base = f"Separate ({sources[0]})" if config.method == "separate" else LABEL
+  return base + (" + BigAug" if config.augment.enabled else "")
+
+
+def model_runs(config, sources):
+  """Separate trains one model per source site; DeepAll one on all of them."""
+  if config.method == "separate":
+    return [(f"separate_{site}", [site]) for site in sources]
+  return [(config.method, list(sources))]

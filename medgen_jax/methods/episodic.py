@@ -36,10 +36,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from medgen_jax import augment, meta
+from medgen_jax.methods import deepall
+from medgen_jax.methods.base import fold_device, init_net
 from medgen_jax.methods.deepall import finish_step, segmentation_terms
+from medgen_jax.models.metric import MetricNet
 from medgen_jax.train_state import make_optimizer
+
+SAMPLER = "episodic"
 
 OPTIMIZER_MODES = ("summed", "released")
 RELEASED = ("masf", "saml")   # methods whose released code had a separate task optimizer
@@ -175,6 +181,7 @@ def meta_gradients(inner_loss, outer, params, phi, episode, *, meta_config, axis
 
 def make_metric_step(outer, model, tx, config, *, num_classes: int, axis_name: str | None,
                      bn_sync: bool, metric_tx, task_tx=None):
+  # φ is state.nets['metric'] (a NetState), updated by `metric_tx`.
   """The MASF/SAML step: `task_tx` None is 'summed' mode, else 'released' (module docstring)."""
   loss_fn = make_loss_fn(model, config, num_classes=num_classes, axis_name=axis_name)
   m = config.meta
@@ -184,14 +191,13 @@ def make_metric_step(outer, model, tx, config, *, num_classes: int, axis_name: s
   outer_clip = m.outer_clip if m.outer_clip > 0 else None
 
   def step(state, batch, key):
-    if axis_name is not None:
-      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    key = fold_device(key, axis_name)
     augment_key, key_inner, key_tr, key_te = jax.random.split(key, 4)
     meta_train, meta_test = augment_episode(augment_key, batch, config)
     episode = make_episode(model, config, state.batch_stats, meta_train, meta_test, key_tr, key_te)
     inner_loss = lambda p, b: loss_fn(p, state.batch_stats, b, key_inner, group="meta_train")
     g_task, g_meta, g_phi, loss_inner, loss_outer, inner_metrics, outer_metrics, batch_stats = (
-        meta_gradients(inner_loss, outer, state.params, state.metric_params, episode,
+        meta_gradients(inner_loss, outer, state.params, state.nets["metric"].params, episode,
                        meta_config=m, axis_name=axis_name))
     if outer_clip is not None:
       if axis_name is not None:  # clip the global meta gradient, as on one device
@@ -205,6 +211,56 @@ def make_metric_step(outer, model, tx, config, *, num_classes: int, axis_name: s
     else:
       grads, task_grads = g_meta, g_task
     return finish_step(state, tx, grads, metrics, batch_stats, axis_name=axis_name, bn_sync=bn_sync,
-                       metric_tx=metric_tx, metric_grads=g_phi, task_tx=task_tx, task_grads=task_grads)
+                       task_tx=task_tx, task_grads=task_grads, net_grads={"metric": g_phi},
+                       net_txs={"metric": metric_tx})
 
   return step
+
+
+# --- The method interface of MLDG, MASF and SAML (methods/base.py) -------------------------------
+
+
+def validate(config) -> None:
+  groups = config.meta.meta_train_domains + config.meta.meta_test_domains
+  if config.batch_size % groups:
+    raise ValueError(f"config.batch_size: {config.batch_size} is not a multiple of the {groups} domains of "
+                     "an episode (meta.meta_train_domains + meta.meta_test_domains)")
+  if config.meta.outer_clip < 0 or config.meta.task_learning_rate < 0:
+    raise ValueError("config.meta: outer_clip and task_learning_rate must be >= 0 (0: off / "
+                     "optimizer.learning_rate)")
+
+
+def label(module, config) -> str:
+  base = module.LABEL + (" (1st order)" if config.meta.first_order else "")
+  return base + (" + BigAug" if config.augment.enabled else "")
+
+
+def metric_network(config):
+  """MASF/SAML's metric embedding M_φ and its optimizer (`<method>.metric_*`)."""
+  block = config[config.method]
+  return MetricNet(tuple(block.metric_features)), optax.adam(block.metric_lr)
+
+
+def init_state(key, config, info, *, with_metric: bool):
+  """θ (+ the task optimizer's state in 'released' mode) and, for MASF/SAML, φ (initialized from
+  PRNGKey(seed + 7), an independent stream)."""
+  state = deepall.init_state(key, config, info)
+  task_tx = make_task_optimizer(config)
+  if task_tx is not None:
+    state = state.replace(task_opt_state=task_tx.init(state.params))
+  if with_metric:
+    metric_model, metric_tx = metric_network(config)
+    phi = metric_model.init(jax.random.PRNGKey(config.seed + 7),
+                            jnp.zeros((1, config.model.base_features)))["params"]
+    state = state.replace(nets={"metric": init_net(phi, {}, metric_tx)})
+  return state
+
+
+def make_step(module, config, info):
+  """`module.make_train_step` with the networks and optimizers of the config."""
+  metric_model, metric_tx = metric_network(config) if config.method in ("masf", "saml") else (None, None)
+  return module.make_train_step(
+      deepall.segmenter(config, info, train=True), make_optimizer(config.optimizer, num_steps=config.num_steps),
+      config, num_classes=info.num_classes, axis_name=info.axis_name,
+      bn_sync=deepall.bn_synced(config, info), metric_model=metric_model, metric_tx=metric_tx,
+      task_tx=make_task_optimizer(config))

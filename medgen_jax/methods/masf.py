@@ -36,14 +36,32 @@ variable-filter quirk).
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 
 from medgen_jax import losses
+from medgen_jax.methods import deepall, episodic
 from medgen_jax.methods.episodic import make_metric_step
 from medgen_jax.parallel import gather_global
 
-EPISODIC = True
+LABEL = "MASF"
+SAMPLER = episodic.SAMPLER
+validate = episodic.validate
+eval_network = deepall.eval_network
+
+
+def init_state(key, config, info):
+  return episodic.init_state(key, config, info, with_metric=True)
+
+
+def make_step(config, info):
+  return episodic.make_step(sys.modules[__name__], config, info)
+
+
+def label(config, sources):
+  return episodic.label(sys.modules[__name__], config)
 
 
 def class_mean_features(features, onehot, *, eps: float = 1e-6):

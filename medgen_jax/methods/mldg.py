@@ -16,13 +16,31 @@ which scales L_tr and the inner step by the number of meta-train domains.
 
 from __future__ import annotations
 
+import sys
+
 import jax
 
 from medgen_jax import meta
+from medgen_jax.methods import deepall, episodic
 from medgen_jax.methods.deepall import finish_step
 from medgen_jax.methods.episodic import augment_episode, inner_clip, make_loss_fn
 
-EPISODIC = True
+LABEL = "MLDG"
+SAMPLER = episodic.SAMPLER
+validate = episodic.validate
+eval_network = deepall.eval_network
+
+
+def init_state(key, config, info):
+  return episodic.init_state(key, config, info, with_metric=False)
+
+
+def make_step(config, info):
+  return episodic.make_step(sys.modules[__name__], config, info)
+
+
+def label(config, sources):
+  return episodic.label(sys.modules[__name__], config)
 
 
 def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,

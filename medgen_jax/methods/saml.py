@@ -32,17 +32,34 @@ meta gradient clipped per tensor at 10 (`meta.outer_clip`), the two updates summ
 from __future__ import annotations
 
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
 
 from medgen_jax import losses
+from medgen_jax.methods import deepall, episodic
 from medgen_jax.methods.deepall import segmentation_terms
 from medgen_jax.methods.episodic import make_metric_step
 from medgen_jax.methods.masf import metric_loss
 from medgen_jax.parallel import gather_global
 
-EPISODIC = True
+LABEL = "SAML"
+SAMPLER = episodic.SAMPLER
+validate = episodic.validate
+eval_network = deepall.eval_network
+
+
+def init_state(key, config, info):
+  return episodic.init_state(key, config, info, with_metric=True)
+
+
+def make_step(config, info):
+  return episodic.make_step(sys.modules[__name__], config, info)
+
+
+def label(config, sources):
+  return episodic.label(sys.modules[__name__], config)
 
 
 def perimeter_and_area(u, *, perimeter_scale: float = 1.0, eps: float = 1e-8):

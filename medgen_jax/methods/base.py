@@ -1,0 +1,109 @@
+"""The method interface: what a method trains and how, so that the trainer never learns it.
+
+A method module (`medgen_jax/methods/*.py`, registered in `methods/__init__.py`) declares:
+
+  LABEL                 its name in result tables ("DeepAll", "DANN", ...)
+  SAMPLER               what feeds its step: 'pooled' (SliceSampler over the sources),
+                        'episodic' (EpisodicSampler: {'meta_train', 'meta_test'}) or
+                        'source_target' (SourceTargetSampler: {'source': labelled slices,
+                        'target': unlabelled target slices}, unsupervised domain adaptation)
+  init_state(key, config, info) -> TrainState
+                        every network it trains, each with params, BatchNorm statistics and
+                        optimizer state (the segmenter at the top level, the others in
+                        `TrainState.nets`); `key` = PRNGKey(config.seed)
+  make_step(config, info) -> step(state, batch, key) -> (state, metrics)
+                        the pure train step; `info.axis_name` is the data-parallel axis when
+                        the trainer pmaps it (None on one device: the same function)
+  eval_network(config, info) -> (model, variables_of)
+                        the network that segments at evaluation (train=False, no cross-device
+                        BatchNorm) and `variables_of(state)` -> its {'params', 'batch_stats'}
+
+and optionally `label(config, sources)` (a richer table name), `model_runs(config, sources)`
+(the models one run trains: [(name, sources)], default one model on all sources; Separate
+trains one per site) and `validate(config)` (method-specific config checks, one clear error).
+
+A checkpoint is the whole TrainState (every network and optimizer), so a resume is exact for
+any method. The helpers below are the shared tail of a step: device averaging, one network's
+optimizer update, and the divergence flag the trainer reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from medgen_jax.train_state import NetState, TrainState
+
+SAMPLERS = ("pooled", "episodic", "source_target")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """What a method needs to know about the run besides its config."""
+
+  num_classes: int
+  input_shape: tuple[int, int, int]   # one slice: (H, W, channels)
+  axis_name: str | None = None         # the data-parallel axis inside the step, or None
+
+
+def device_mean(tree, axis_name: str | None):
+  """The mean over devices (identity on one device)."""
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def fold_device(key, axis_name: str | None):
+  """A per-device PRNG key (dropout, augmentation) from the step's replicated key."""
+  return key if axis_name is None else jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
+def update_net(net: NetState, tx: optax.GradientTransformation, grads, *, batch_stats=None) -> NetState:
+  """One optimizer update of one network (gradients already averaged over devices)."""
+  updates, opt_state = tx.update(grads, net.opt_state, net.params)
+  return net.replace(params=optax.apply_updates(net.params, updates), opt_state=opt_state,
+                     batch_stats=net.batch_stats if batch_stats is None else batch_stats)
+
+
+def init_net(params, batch_stats, tx: optax.GradientTransformation | None) -> NetState:
+  """A network's state; `tx` None = a frozen network (no optimizer state)."""
+  return NetState(params=params, batch_stats=batch_stats or {},
+                  opt_state=tx.init(params) if tx is not None else ())
+
+
+def flag_non_finite(old: TrainState, new: TrainState, values) -> TrainState:
+  """`new` with `first_bad_step` set to this step if any of `values` (scalars: losses,
+  gradient norms, parameter norms) is not finite and no earlier step was."""
+  finite = jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(v, jnp.float32) for v in values])))
+  first_bad = jnp.where((old.first_bad_step == 0) & ~finite, old.step + 1, old.first_bad_step)
+  return new.replace(first_bad_step=first_bad.astype(jnp.int32))
+
+
+def state_norms(state: TrainState) -> list:
+  """Norms of every parameter and statistic of a state (for `flag_non_finite`)."""
+  out = [optax.tree.norm(state.params), optax.tree.norm(state.batch_stats)]
+  for net in state.nets.values():
+    out += [optax.tree.norm(net.params), optax.tree.norm(net.batch_stats)]
+  return out
+
+
+def split_dice(metrics: dict) -> dict:
+  """A per-class `dice` vector as scalars dice_0 .. dice_{C-1} (the writers log scalars)."""
+  metrics = dict(metrics)
+  dice = metrics.pop("dice", None)
+  if dice is not None:
+    metrics.update({f"dice_{c}": dice[c] for c in range(dice.shape[0])})
+  return metrics
+
+
+def segmenter_variables(state: TrainState) -> dict:
+  """The top-level network's variables: what most methods evaluate."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def default_label(module, config) -> str:
+  label = module.LABEL
+  if config.augment.enabled:
+    label += " + BigAug"
+  return label
