@@ -102,7 +102,8 @@ class _Float64Numpy:
 @contextlib.contextmanager
 def float64():
   with jax.enable_x64(True), pytest.MonkeyPatch.context() as patch:
-    for module in (unet_module, norms_module, metric_module, losses, masf, saml):
+    for module in (unet_module, norms_module, metric_module, losses.segmentation,
+                   losses.metric_learning, losses.distillation, masf, saml):
       patch.setattr(module, "jnp", _Float64Numpy())
     yield
 
