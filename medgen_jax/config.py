@@ -79,6 +79,30 @@ def base_config() -> ml_collections.ConfigDict:
       "perimeter_scale": 0.01, "compactness_reduction": "sum",   # released code's details
       "metric_loss": "triplet", "margin": 10.0, "metric_lr": 1e-3, "metric_features": (24, 16)})
   c.augment = default_augment_config()   # BigAug, any method
+
+  # Unsupervised domain adaptation (methods/uda/*.py): the target is data.held_out, whose
+  # train+val cases are seen WITHOUT labels when data.target_adaptation=True. Discriminator /
+  # critic inputs are U-Net blocks by name: down0..down{depth-1}, bottleneck, up{depth-1}..up0.
+  c.dann = ml_collections.ConfigDict({
+      "weight": 1.0,              # domain loss weight; the reversal scale follows λ_p = 2/(1+e^{-γp}) − 1
+      "gamma": 10.0, "level": "bottleneck",
+      "disc_features": 32, "disc_layers": 3, "disc_lr": 1e-3})
+  c.adda = ml_collections.ConfigDict({
+      "pretrain_steps": 1000,     # supervised source training first; then the target encoder adapts
+      "level": "bottleneck", "disc_features": 32, "disc_layers": 3,
+      "learning_rate": 2e-4, "b1": 0.5})   # ADDA's Adam for D and the target encoder
+  c.adaoutput = ml_collections.ConfigDict({
+      "weight": 0.001,            # λ_adv on the final output (Tsai et al.)
+      "multi_level": False, "aux_level": "up1", "aux_weight": 0.0002, "seg_aux_weight": 0.1,
+      "disc_features": 64, "disc_lr": 1e-4, "disc_b1": 0.9, "disc_b2": 0.99})
+  c.pnp = ml_collections.ConfigDict({
+      "pretrain_steps": 1000,     # stage 1: the source segmenter
+      "critic_warmup_steps": 200, # stage 2a: critics only (generator frozen, mask weight 0)
+      "critic_steps": 20,         # stage 2b: per cycle, this many critic steps then one DAM step
+      "adapt_levels": 2,          # the DAM: the target copy of encoder blocks down0..down{k-1}
+      "levels": ("down1", "down2", "bottleneck"),   # the feature critic's multi-level input
+      "mask_weight": 0.3, "mu": 0.002, "clip": 0.03, "weight_decay": 1e-4,
+      "learning_rate": 3e-4, "critic_features": 32, "critic_layers": 3})
   return c
 
 

@@ -8,8 +8,14 @@ from given networks and optimizers, for tests and for users who bring their own 
 from __future__ import annotations
 
 from medgen_jax.methods import deepall, masf, mldg, saml
+from medgen_jax.methods.uda import dann, source_only, supervised_target
 
-MODULES = {"deepall": deepall, "separate": deepall, "mldg": mldg, "masf": masf, "saml": saml}
+MODULES = {
+    # supervised and domain generalization
+    "deepall": deepall, "separate": deepall, "mldg": mldg, "masf": masf, "saml": saml,
+    # unsupervised domain adaptation (methods/uda/)
+    "source_only": source_only, "dann": dann, "supervised_target": supervised_target,
+}
 
 
 def get(name: str):

@@ -122,22 +122,28 @@ class UNet(nn.Module):
   fast_ops: bool = True
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False, return_features: bool = False):
+  def __call__(self, x, *, train: bool = False, return_features: bool = False,
+               return_levels: bool = False):
     """Logits [B, H, W, classes] (float32); with `return_features`, also the last decoder
-    block's output [B, H, W, base_features] (the semantic features MASF/SAML embed)."""
+    block's output [B, H, W, base_features] (the semantic features MASF/SAML embed); with
+    `return_levels`, (logits, {name: output}) of every block: down0 .. down{depth-1} (encoder,
+    before pooling), bottleneck (after dropout), up{depth-1} .. up0 (decoder), which the
+    feature-level adaptation methods feed to their discriminators."""
     if x.shape[1] % 2 ** self.depth or x.shape[2] % 2 ** self.depth:
       raise ValueError(f"input {x.shape[1]}x{x.shape[2]} must be divisible by 2^depth = "
                        f"{2 ** self.depth} (config data.in_plane_shape / model.depth)")
     block = lambda f, name: ConvBlock(f, self.norm, self.bn_axis_name, self.dtype, self.fast_ops, name=name)
     x = x.astype(self.dtype)
-    skips = []
+    skips, levels = [], {}
     for level in range(self.depth):
       x = block(self.base_features * 2 ** level, f"down{level}")(x, train=train)
       skips.append(x)
+      levels[f"down{level}"] = x
       x = max_pool_2x2(x) if self.fast_ops else nn.max_pool(x, (2, 2), strides=(2, 2))
     x = block(self.base_features * 2 ** self.depth, "bottleneck")(x, train=train)
     if self.dropout > 0:
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    levels["bottleneck"] = x
     for level in reversed(range(self.depth)):
       features = self.base_features * 2 ** level
       if self.fast_ops:
@@ -146,10 +152,13 @@ class UNet(nn.Module):
         x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=self.dtype,
                              param_dtype=jnp.float32, name=f"upconv{level}")(x)
       x = block(features, f"up{level}")(jnp.concatenate([x, skips[level]], axis=-1), train=train)
+      levels[f"up{level}"] = x
     if self.fast_ops:
       logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="head")(x)
     else:
       logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
                        name="head")(x)
     logits = logits.astype(jnp.float32)
+    if return_levels:
+      return logits, levels
     return (logits, x) if return_features else logits
