@@ -94,15 +94,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.adaoutput = ml_collections.ConfigDict({
       "weight": 0.001,            # λ_adv on the final output (Tsai et al.)
       "multi_level": False, "aux_level": "up1", "aux_weight": 0.0002, "seg_aux_weight": 0.1,
-      "disc_features": 64, "disc_lr": 1e-4, "disc_b1": 0.9, "disc_b2": 0.99})
+      "disc_features": 64, "disc_lr": 1e-4, "disc_b1": 0.9, "disc_b2": 0.99,
+      # > 0: the released code's "poly" decay, both rates x (1 - step/num_steps)^power (the
+      # segmenter's then needs optimizer.schedule='constant'); 0: config.optimizer's schedule, constant D rate
+      "poly_power": 0.0})
   c.pnp = ml_collections.ConfigDict({
       "pretrain_steps": 1000,     # stage 1: the source segmenter
       "critic_warmup_steps": 200, # stage 2a: critics only (generator frozen, mask weight 0)
       "critic_steps": 20,         # stage 2b: per cycle, this many critic steps then one DAM step
+      "critic_steps_growth_every": 300,  # +1 critic step per cycle every this many cycles (released); 0 = off
       "adapt_levels": 2,          # the DAM: the target copy of encoder blocks down0..down{k-1}
-      "levels": ("down1", "down2", "bottleneck"),   # the feature critic's multi-level input
+      "levels": ("down1", "down2", "bottleneck"),   # the feature critic's multi-level input (pooled
+                                  # to the coarsest of them, + the pooled softmax)
       "mask_weight": 0.3, "mu": 0.002, "clip": 0.03, "weight_decay": 1e-4,
-      "learning_rate": 3e-4, "critic_features": 32, "critic_layers": 3})
+      "learning_rate": 3e-4,      # RMSProp of the critics and the DAM
+      "rmsprop_initial_scale": 1.0,  # RMSProp's mean square starts here: 1 = TF1 (released), 0 = optax/PyTorch
+      "critic_features": 32, "critic_layers": 3,
+      "mask_critic_features": 16})   # the mask critic (on the softmax) has critic_layers layers too
   return c
 
 
@@ -134,6 +142,48 @@ def gpu_sized_brain(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   config.log_every = 100
   config.eval_every = 1000
   config.checkpoint.every = 1000
+  return config
+
+
+UDA_BENCHMARKS = {
+    # benchmark: (default source, target, spacing (mm) and in-plane shape of the full / quick size)
+    "cardiac": ("cardiac-phantom", "MR", "CT", ((0.75, 0.75), (256, 256)), ((3.0, 3.0), (64, 64))),
+    "brain": ("brain-modalities", "T1", "T2", ((), (128, 128)), ((3.0, 3.0), (80, 80))),
+}
+
+
+def uda_benchmark(config: ml_collections.ConfigDict, arg: str | None, *, method: str, num_steps: int,
+                  quick_steps: int) -> ml_collections.ConfigDict:
+  """The cross-modality adaptation setting shared by `configs/*_cardiac.py`: `arg` is
+  [brain_]quick or brain or None (cardiac full size). The target's train+val cases are
+  unlabelled adaptation data (data.target_adaptation), its test cases are scored; selection is
+  the last checkpoint (a fixed iteration, as SIFA/PnP-AdaNet report: no target labels).
+  Full size: 256x256 slices (MM-WHS crops), U-Net 16-..-256, batch 8 + 8, `num_steps`, a GPU run.
+  `quick`: 64x64 (cardiac) / 80x80 (brain) slices at 3 mm, U-Net 8-..-128, batch 8 + 8,
+  `quick_steps`, minutes on the 2-core CPU."""
+  name = "brain" if arg and arg.startswith("brain") else "cardiac"
+  quick = bool(arg) and arg.endswith("quick")
+  benchmark, source, target, full, small = UDA_BENCHMARKS[name]
+  config.method = method
+  config.data.root = f"data/{benchmark}"
+  config.data.synthesize.benchmark = benchmark
+  config.data.synthesize.cases_per_site = 10
+  config.data.split.val_fraction = 0.1
+  config.data.split.test_fraction = 0.3
+  if method == "supervised_target":
+    config.data.sites, config.data.held_out, config.data.target_adaptation = (target,), (), False
+  else:
+    config.data.sites, config.data.held_out, config.data.target_adaptation = (source,), (target,), True
+  config.eval.selection = "last"
+  spacing, shape = small if quick else full
+  config.data.in_plane_spacing = spacing
+  config.data.in_plane_shape = shape
+  config.model.base_features = 8 if quick else 16
+  config.batch_size = 8
+  config.num_steps = quick_steps if quick else num_steps
+  config.optimizer.schedule = "cosine"
+  config.log_every = 50 if quick else 200
+  config.eval_every = config.checkpoint.every = config.num_steps if quick else 2000
   return config
 
 

@@ -25,6 +25,21 @@ runs that finished, lists the failed ones, and the exit status is 1.
 Output: `DIR/sweep.md` and `DIR/sweep.csv`: rows are methods, columns the held-out sites and their
 average, cells the held-out site's mean Dice (%) as mean ± std over seeds (`(n=k)` when fewer
 seeds finished than asked for), with the model selection rule stated.
+
+Unsupervised domain adaptation (`--uda`): every config × direction × seed, a direction being
+`SOURCE:TARGET` (`--directions MR:CT,CT:MR`; default every ordered pair of sites):
+
+    python -m medgen_jax.sweep --uda --config configs/source_only_cardiac.py:quick \
+        --config configs/dann_cardiac.py:quick ... --config configs/supervised_target_cardiac.py:quick \
+        --directions MR:CT,CT:MR --seeds 2 --workdir runs/uda_cardiac
+
+trains in `DIR/<config>/<SOURCE>_to_<TARGET>/seed<k>` with `data.sites = (SOURCE,)`,
+`data.held_out = (TARGET,)`, `data.target_adaptation = True` (the target's train+val cases
+unlabelled, its test cases scored), except `supervised_target`, which trains on the target with
+its labels (`data.sites = (TARGET,)`) and is tested on the same target test cases. The table, one
+per direction like the talk's cardiac table: rows the configs in the order given, columns Dice
+(%) and ASD (mm) per structure and their mean over structures, on the target's test volumes,
+mean ± std over seeds; `DIR/sweep.csv` has every run × structure.
 """
 
 from __future__ import annotations
@@ -233,6 +248,8 @@ def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
   """Every run of the sweep with its config; SweepConfigError / DataError before any training."""
   from medgen_jax import config as config_lib  # imports JAX; keep `--help` fast
 
+  if getattr(args, "uda", False):
+    return plan_uda_runs(args)
   plan, all_sites = [], []
   workdir = Path(args.workdir)
   for spec in args.config:
@@ -266,6 +283,135 @@ def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
   return plan, all_sites
 
 
+def parse_directions(text: str, sites: list[str], spec: str) -> list[tuple[str, str]]:
+  if text == "all":
+    return [(a, b) for a in sites for b in sites if a != b]
+  pairs = []
+  for item in (t.strip() for t in text.split(",") if t.strip()):
+    source, sep, target = item.partition(":")
+    if not sep or source not in sites or target not in sites or source == target:
+      raise DataError.single(f"--directions {text}", f"{item!r} is not SOURCE:TARGET with two different "
+                             f"sites of {spec}'s dataset", f"choose from {sites}, e.g. {sites[0]}:{sites[-1]}")
+    pairs.append((source, target))
+  return pairs
+
+
+def direction_name(source: str, target: str) -> str:
+  return f"{source}_to_{target}"
+
+
+def plan_uda_runs(args) -> tuple[list[PlannedRun], list[str]]:
+  """--uda: every config × direction × seed (module docstring); `site` holds the direction."""
+  from medgen_jax import config as config_lib  # imports JAX; keep `--help` fast
+
+  plan, directions = [], []
+  workdir = Path(args.workdir)
+  for spec in args.config:
+    base = load_config(spec, args.set)
+    with base.unlocked():
+      base.data.sites = ()
+    sites = sites_of(base)
+    for source, target in parse_directions(args.directions, sites, spec):
+      name = direction_name(source, target)
+      if name not in directions:
+        directions.append(name)
+      for seed in range(args.seeds):
+        config = load_config(spec, args.set)
+        with config.unlocked():
+          if config.method == "supervised_target":
+            config.data.sites, config.data.held_out, config.data.target_adaptation = (target,), (), False
+          else:
+            config.data.sites, config.data.held_out, config.data.target_adaptation = (source,), (target,), True
+          config.seed = seed
+          config.progress_bar = False
+        try:
+          config_lib.validate(config)
+        except (ValueError, TypeError) as e:
+          raise SweepConfigError(f"--config {spec}: {_one_line(e)}") from None
+        plan.append(PlannedRun(spec, name, seed, config, workdir / config_name(spec) / name / f"seed{seed}"))
+  return plan, directions
+
+
+def target_scores(records, target: str) -> dict[str, np.ndarray]:
+  """Per structure, the mean over the target's test volumes: {'dice': [C-1] (%), 'asd': [C-1] (mm)}."""
+  chosen = [r for r in records if r["site"] == target]
+  out = {"dice": np.mean([r["dice"] for r in chosen], axis=0) * 100}
+  if chosen and "asd" in chosen[0]:
+    out["asd"] = np.mean([r["asd"] for r in chosen], axis=0)
+  return out
+
+
+def uda_table(rows: dict, class_names: list[str], seeds: int) -> str:
+  """rows: method -> {seed: {'dice': [C-1], 'asd': [C-1]}} -> the talk's layout: Dice and ASD
+  per structure and their mean over structures, mean ± std over seeds."""
+  metrics = [m for m in ("dice", "asd") if any(m in v for per_seed in rows.values() for v in per_seed.values())]
+  header = ["Method"]
+  for m in metrics:
+    unit = "Dice (%)" if m == "dice" else "ASD (mm)"
+    header += [f"{unit} {c}" for c in class_names] + [f"{unit} mean"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for method, per_seed in rows.items():
+    cells = [method]
+    for m in metrics:
+      values = np.asarray([per_seed[k][m] for k in sorted(per_seed) if m in per_seed[k]], np.float64)
+      for c in range(len(class_names)):
+        cells.append(_cell(values[:, c], seeds) if values.size else "—")
+      cells.append(_cell(values.mean(axis=1), seeds) if values.size else "—")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def write_uda_report(args, plan, finished, failed) -> int:
+  """finished: [(run, method label, records)] -> DIR/sweep.md (a table per direction) and sweep.csv."""
+  workdir = Path(args.workdir)
+  notes = [f"target test volumes, mean ± std over {args.seeds} seed(s) (n=k: only k finished); Dice and ASD "
+           "per structure, 'mean' = mean over structures; no target label was used for training or model "
+           "selection except in rows marked [target labels] or [oracle]",
+           f"model selection: {'; '.join(SELECTION_RULES[s] for s in sorted({r.config.eval.selection for r in plan}))}"]
+  if failed:
+    notes.append(f"FAILED, not in the table ({len(failed)}): " +
+                 "; ".join(f"{run.run_dir.relative_to(workdir)} ({why})" for run, why in failed))
+  sections, csv_rows = [], [["config", "method", "direction", "seed", "structure", "dice", "asd"]]
+  for direction in dict.fromkeys(run.site for run in plan):
+    target = direction.split("_to_")[1]
+    rows: dict[str, dict[int, dict]] = {}
+    class_names = None
+    for run, method, records in finished:
+      if run.site != direction:
+        continue
+      scores = target_scores(records, target)
+      rows.setdefault(method, {})[run.seed] = scores
+      if class_names is None:
+        info = json.loads((run.run_dir / "data_info.json").read_text())
+        class_names = [v for k, v in sorted(info["labels"].items(), key=lambda kv: int(kv[0])) if int(k)]
+      for c, dice in enumerate(scores["dice"]):
+        asd = scores["asd"][c] if "asd" in scores else float("nan")
+        csv_rows.append([config_name(run.spec), method, direction, run.seed, class_names[c],
+                         f"{dice:.4f}", f"{asd:.4f}"])
+    if rows:
+      source = direction.split("_to_")[0]
+      sections.append(f"## {source} → {target}\n\n{uda_table(rows, class_names, args.seeds)}\n")
+  if not sections:
+    print("error: no run finished, so no table was written", file=sys.stderr)
+    return 1
+  markdown = ("# Unsupervised domain adaptation sweep\n\n" + "".join(f"- {n}\n" for n in notes) + "\n"
+              + "\n".join(sections))
+  buffer = io.StringIO()
+  csv.writer(buffer).writerows(csv_rows)
+  print(markdown)
+  try:
+    write_bytes_atomic(workdir / "sweep.md", markdown.encode())
+    write_bytes_atomic(workdir / "sweep.csv", buffer.getvalue().encode())
+  except OSError as e:
+    print(f"error: cannot write {workdir / 'sweep.md'} ({e.strerror or e}); the table is printed above",
+          file=sys.stderr)
+    return 1
+  if failed:
+    print(f"error: {len(failed)} of {len(plan)} run(s) failed (listed above)", file=sys.stderr)
+    return 1
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m medgen_jax.sweep", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,6 +422,10 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override applied to every config, e.g. num_steps=300 or data.sites=A,B,C")
+  parser.add_argument("--uda", action="store_true",
+                      help="unsupervised domain adaptation: source -> target directions instead of held-out sites")
+  parser.add_argument("--directions", default="all",
+                      help="with --uda: SOURCE:TARGET pairs, comma-separated (default: every ordered pair)")
   args = parser.parse_args(argv)
   if args.seeds < 1:
     print(f"error: --seeds {args.seeds}: must be >= 1", file=sys.stderr)
@@ -299,10 +449,11 @@ def main(argv=None) -> int:
     return 1
 
   from medgen_jax import train_lib  # imports JAX; keep `--help` fast
-  finished, failed = [], []
+  finished, failed, uda_finished = [], [], []
   for run in plan:
     name = config_name(run.spec)
-    print(f"[sweep] {name}: held out {run.site}, seed {run.seed} -> {run.run_dir}", flush=True)
+    what = run.site.replace("_to_", " -> ") if args.uda else f"held out {run.site}"
+    print(f"[sweep] {name}: {what}, seed {run.seed} -> {run.run_dir}", flush=True)
     try:
       records = run_one(run.config, run.run_dir)
     except (ValueError, OSError, train_lib.TrainingDivergedError) as e:  # DataError is a ValueError
@@ -314,10 +465,16 @@ def main(argv=None) -> int:
       print(f"error: run {run.run_dir} failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr,
             flush=True)
       continue
+    if args.uda:
+      for method in dict.fromkeys(r["method"] for r in records):
+        uda_finished.append((run, method, [r for r in records if r["method"] == method]))
+      continue
     for method in dict.fromkeys(r["method"] for r in records):
       dice = unseen_dice([r for r in records if r["method"] == method], run.site)
       finished.append((name, method, run.site, run.seed, dice))
 
+  if args.uda:
+    return write_uda_report(args, plan, uda_finished, failed)
   configs_of, held_of = {}, {}
   for name, method, *_ in finished:
     configs_of.setdefault(method, set()).add(name)

@@ -11,14 +11,15 @@ from medgen_jax import config as config_lib
 from medgen_jax import train_lib
 from medgen_jax.methods import episodic
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.py"))
+UDA_ARGS = (None, "quick", "brain", "brain_quick")
 
 
 def load(path):
   return runpy.run_path(str(path))["get_config"]()
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.parent.name + "/" + p.stem for p in CONFIGS])
 def test_config_loads_validates_and_documents_its_command(path):
   config = load(path)
   doc = runpy.run_path(str(path)).get("__doc__") or ""
@@ -30,6 +31,9 @@ def test_config_loads_validates_and_documents_its_command(path):
     config.lock()
     with pytest.raises(AttributeError, match="Did you mean"):
       config.num_step = 3
+  if path.parent.name == "uda":  # every benchmark and size of the cross-modality configs
+    for arg in UDA_ARGS:
+      config_lib.validate(runpy.run_path(str(path))["get_config"](arg))
 
 
 def test_prostate_config_trains_on_a_synthetic_prostate6_folder(tmp_path):
