@@ -154,7 +154,7 @@ UDA_BENCHMARKS = {
 
 def uda_benchmark(config: ml_collections.ConfigDict, arg: str | None, *, method: str, num_steps: int,
                   quick_steps: int) -> ml_collections.ConfigDict:
-  """The cross-modality adaptation setting shared by `configs/*_cardiac.py`: `arg` is
+  """The cross-modality adaptation setting shared by `configs/uda/*.py`: `arg` is
   [brain_]quick or brain or None (cardiac full size). The target's train+val cases are
   unlabelled adaptation data (data.target_adaptation), its test cases are scored; selection is
   the last checkpoint (a fixed iteration, as SIFA/PnP-AdaNet report: no target labels).

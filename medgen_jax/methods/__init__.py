@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from medgen_jax.methods import deepall, masf, mldg, saml
 from medgen_jax.methods.uda import dann, source_only, supervised_target
+from medgen_jax.methods.uda import adaoutput
+from medgen_jax.methods.uda import adda, pnp_adanet
 
 MODULES = {
     # supervised and domain generalization
     "deepall": deepall, "separate": deepall, "mldg": mldg, "masf": masf, "saml": saml,
     # unsupervised domain adaptation (methods/uda/)
     "source_only": source_only, "dann": dann, "supervised_target": supervised_target,
+    "adaoutput": adaoutput,
+    "adda": adda, "pnp_adanet": pnp_adanet,
 }
 
 

@@ -1,6 +1,6 @@
 """DeepAll (= "Joint"): one model trained on all source sites pooled.
 
-Loss: segmentation_loss (weighted CE + soft Dice, losses.py) + an explicit L2 term on kernels.
+Loss: segmentation_loss (weighted CE + soft Dice, losses/segmentation.py) + an explicit L2 term on kernels.
 Used per site, the same step gives the "Separate" baseline (one model per site); with
 `config.augment.enabled` it is the DeepAll + BigAug baseline.
 

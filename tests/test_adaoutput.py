@@ -1,0 +1,234 @@
+"""AdaOutput (AdaptSegNet): which update moves which network, the BCE losses and labels of the
+released code, DeepAll as its λ = 0 special case, N devices = one device, and a trainer run."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from helpers import make_sites_dataset, tiny_config
+from medgen_jax import config as config_lib
+from medgen_jax import methods, parallel, train_lib
+from medgen_jax.methods import base, deepall
+from medgen_jax.methods.uda import adaoutput
+
+SHAPE = (32, 32)   # the discriminator's minimum
+UDA = {"data.sites": ("A",), "data.held_out": ("C",), "data.target_adaptation": True,
+       "eval.selection": "last", "data.in_plane_shape": SHAPE, "adaoutput.disc_features": 4}
+INFO = base.RunInfo(num_classes=4, input_shape=(*SHAPE, 1))
+
+
+def trees_equal(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def norm_diff(a, b) -> float:
+  """‖a − b‖ over two trees, in numpy (no per-shape XLA compilations)."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+                           for x, y in zip(la, lb))))
+
+
+def make_batch(seed=0, n=4):
+  rng = np.random.default_rng(seed)
+  labels = np.zeros((n, *SHAPE), np.int32)
+  for i in range(n):
+    for k in range(1, 4):
+      x, y = rng.integers(0, SHAPE[0] - 10, size=2)
+      labels[i, x:x + 10, y:y + 10] = k
+  source = (labels * 1.0 + rng.normal(0, 0.3, labels.shape)).astype(np.float32)[..., None]
+  target = (3.0 - labels * 0.8 + rng.normal(0, 0.3, labels.shape)).astype(np.float32)[..., None]
+  return {"source": {"image": source, "label": labels, "domain": np.zeros(n, np.int32)},
+          "target": {"image": target, "domain": np.ones(n, np.int32)}}
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+  """A multi-level config, its initial state, one batch and the two sub-updates run once."""
+  config = tiny_config(tmp_path_factory.mktemp("ao"), method="adaoutput",
+                       **dict(UDA, **{"adaoutput.multi_level": True, "adaoutput.weight": 0.5,
+                                      "adaoutput.aux_weight": 0.3}))
+  state = adaoutput.init_state(jax.random.PRNGKey(0), config, INFO)
+  parts = adaoutput.step_parts(config, INFO)
+  seg_update = jax.jit(adaoutput.make_segmenter_update(
+      deepall.segmenter(config, INFO, train=True), adaoutput.segmenter_optimizer(config), config,
+      num_classes=4, disc=parts["disc"], head=parts["head"]))
+  disc_update = jax.jit(adaoutput.make_discriminator_update(parts["disc_tx"], disc=parts["disc"],
+                                                            multi_level=True))
+  batch, key = make_batch(), jax.random.PRNGKey(3)
+  after_seg, seg_metrics, outputs = seg_update(state, batch, key)
+  after_disc, disc_metrics = disc_update(after_seg, outputs)
+  return dict(config=config, state=state, batch=batch, key=key, parts=parts, after_seg=after_seg,
+              seg_metrics=seg_metrics, outputs=outputs, after_disc=after_disc, disc_metrics=disc_metrics)
+
+
+def test_networks_and_registry(setting):
+  state = setting["state"]
+  assert set(state.nets) == {"disc", "aux_head", "disc_aux"}
+  assert state.nets["aux_head"].params["head"]["kernel"].shape == (8, 4)  # up1 of base 4: 8 channels
+  assert methods.get("adaoutput") is adaoutput
+  assert methods.label(setting["config"], ["A"]) == "AdaOutput (multi-level)"
+  assert setting["outputs"]["target_aux"].shape == (4, *SHAPE, 4)  # upsampled to the slice
+
+
+def test_segmenter_update_moves_segmenter_and_aux_head_only(setting):
+  state, new = setting["state"], setting["after_seg"]
+  for name in ("disc", "disc_aux"):
+    assert trees_equal(new.nets[name], state.nets[name]), name  # params and Adam state
+  assert norm_diff(new.params, state.params) > 1e-4
+  assert norm_diff(new.nets["aux_head"].params, state.nets["aux_head"].params) > 1e-4
+  assert int(new.step) == 1 and int(new.first_bad_step) == 0
+
+
+def test_discriminator_update_moves_discriminators_only(setting):
+  before, new = setting["after_seg"], setting["after_disc"]
+  assert trees_equal(new.params, before.params) and trees_equal(new.batch_stats, before.batch_stats)
+  assert trees_equal(new.opt_state, before.opt_state)
+  assert trees_equal(new.nets["aux_head"], before.nets["aux_head"])
+  for name in ("disc", "disc_aux"):
+    assert norm_diff(new.nets[name].params, before.nets[name].params) > 1e-5, name
+  assert int(new.step) == 1 and int(new.first_bad_step) == 0
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def test_losses_follow_the_released_labels_source_0_target_1():
+  rng = np.random.default_rng(0)
+  d_s, d_t = rng.normal(0, 2, (3, 2, 2, 1)), rng.normal(0, 2, (3, 2, 2, 1))
+  # G: the target map labelled source (0): −log(1 − σ(D(P_t))).
+  np.testing.assert_allclose(adaoutput.adversarial_loss(d_t), np.mean(-np.log(1 - _sigmoid(d_t))), rtol=1e-5)
+  # D: ½ BCE(D(P_s), 0) + ½ BCE(D(P_t), 1).
+  expected = 0.5 * np.mean(-np.log(1 - _sigmoid(d_s))) + 0.5 * np.mean(-np.log(_sigmoid(d_t)))
+  np.testing.assert_allclose(adaoutput.discriminator_loss(d_s, d_t), expected, rtol=1e-5)
+  assert np.isfinite(float(adaoutput.discriminator_loss(jnp.full((2,), 1e4), jnp.full((2,), -1e4))))
+
+
+def test_step_losses_are_the_formulas_on_the_discriminators_outputs(setting):
+  """The logged L_adv / L_D equal the hand formulas on D's outputs for the step's own maps, and
+  D's update is the gradient of the hand-written L_D (SGD, rate 1)."""
+  state, outputs, disc = setting["state"], setting["outputs"], setting["parts"]["disc"]
+  apply = jax.jit(lambda p, x: disc.apply({"params": p}, x))
+  for name, suffix, src, tgt in (("disc", "", "source", "target"), ("disc_aux", "_aux", "source_aux", "target_aux")):
+    psi = state.nets[name].params
+    d_s, d_t = np.asarray(apply(psi, outputs[src])), np.asarray(apply(psi, outputs[tgt]))
+    np.testing.assert_allclose(setting["seg_metrics"][f"loss_adv{suffix}"], np.mean(-np.log(1 - _sigmoid(d_t))),
+                               rtol=1e-4)
+    np.testing.assert_allclose(setting["disc_metrics"][f"loss_disc{suffix}"],
+                               0.5 * np.mean(-np.log(1 - _sigmoid(d_s))) + 0.5 * np.mean(-np.log(_sigmoid(d_t))),
+                               rtol=1e-4)
+  psi = state.nets["disc"].params
+
+  def hand_loss(p):
+    d_s = disc.apply({"params": p}, outputs["source"])
+    d_t = disc.apply({"params": p}, outputs["target"])
+    return 0.5 * jnp.mean(-jnp.log(1 - jax.nn.sigmoid(d_s))) + 0.5 * jnp.mean(-jnp.log(jax.nn.sigmoid(d_t)))
+
+  sgd = adaoutput.make_discriminator_update(optax.sgd(1.0), disc=disc)
+  before = setting["after_seg"].replace(nets=dict(setting["after_seg"].nets,
+                                                  disc=base.init_net(psi, {}, optax.sgd(1.0))))
+  new, _ = jax.jit(sgd)(before, outputs)
+  expected = jax.tree.map(lambda p, g: np.asarray(p) - np.asarray(g), psi, jax.jit(jax.grad(hand_loss))(psi))
+  assert norm_diff(new.nets["disc"].params, expected) < 1e-5 * norm_diff(expected, psi)
+
+
+def test_with_weight_0_the_segmenter_update_is_a_deepall_step_on_the_source(setting):
+  """λ_adv = 0, single level: the same parameters as DeepAll's step on the source half (the
+  target pass only adds its BatchNorm statistics)."""
+  config = tiny_config(Path("unused"), method="adaoutput", **dict(UDA, **{"adaoutput.weight": 0.0}))
+  # The fixture's networks (same config but multi_level and the weights; same key): the segmenter
+  # and D only, as init_state makes them for this config.
+  full = setting["state"]
+  state = full.replace(nets={"disc": full.nets["disc"]})
+  model, tx = deepall.segmenter(config, INFO, train=True), adaoutput.segmenter_optimizer(config)
+  update = jax.jit(adaoutput.make_segmenter_update(model, tx, config, num_classes=4,
+                                                   disc=adaoutput.discriminator(config)))
+  ours, metrics, _ = update(state, setting["batch"], setting["key"])
+  plain = state.replace(nets={})  # DeepAll starts from the same segmenter and optimizer state
+  reference, ref_metrics = jax.jit(deepall.make_train_step(model, tx, config, num_classes=4))(
+      plain, setting["batch"]["source"], setting["key"])
+  change = norm_diff(reference.params, plain.params)
+  assert change > 1e-3
+  assert norm_diff(ours.params, reference.params) < 1e-5 * change
+  np.testing.assert_allclose(metrics["loss_seg"], ref_metrics["loss"], rtol=1e-6)
+  assert not trees_equal(ours.batch_stats, reference.batch_stats)  # the target pass's statistics
+  assert "aux_head" not in ours.nets
+
+
+def test_two_devices_equal_one_device(setting):
+  config, state = setting["config"], setting["state"]
+  info2 = base.RunInfo(num_classes=4, input_shape=(*SHAPE, 1), axis_name=parallel.AXIS_NAME)
+  runner = parallel.DataParallel(adaoutput.make_step(config, info2), num_devices=2, donate=False)
+  two, metrics = runner.step(runner.replicate(state), setting["batch"], setting["key"])
+  two, one = runner.unreplicate(two), setting["after_disc"]
+  for name, a, b, c in (("segmenter", one.params, two.params, state.params),
+                        ("stats", one.batch_stats, two.batch_stats, state.batch_stats),
+                        *((n, one.nets[n].params, two.nets[n].params, state.nets[n].params)
+                          for n in ("aux_head", "disc", "disc_aux"))):
+    change = norm_diff(a, c)
+    assert change > 1e-5, name  # not a trivially small update
+    # Adam's first step is ≈ ±lr wherever |g| ≫ eps, so rounding-level gradient differences on
+    # near-zero entries of D's gradient show up amplified: D's bound is looser, its gradient
+    # norms are compared tightly below.
+    assert norm_diff(a, b) < (1e-3 if name.startswith("disc") else 1e-4) * change, name
+  for k in ("loss", "loss_adv", "loss_adv_aux", "grad_norm"):
+    np.testing.assert_allclose(metrics[k], setting["seg_metrics"][k], rtol=1e-5)
+  for k in ("loss_disc", "loss_disc_aux", "disc_grad_norm", "disc_grad_norm_aux"):
+    np.testing.assert_allclose(metrics[k], setting["disc_metrics"][k], rtol=1e-4)
+
+
+def test_poly_decay_scales_the_updates_and_validation_refuses_misuse(tmp_path):
+  tx = adaoutput.poly(optax.sgd(1.0), 0.9, 10)
+  opt = tx.init(jnp.zeros(()))
+  for step in range(3):
+    update, opt = tx.update(jnp.ones(()), opt)
+    np.testing.assert_allclose(update, -(1 - step / 10) ** 0.9, rtol=1e-6)
+  small = tiny_config(tmp_path, method="adaoutput", **dict(UDA, **{"data.in_plane_shape": (16, 16)}))
+  with pytest.raises(ValueError, match="at least 32x32"):
+    adaoutput.validate(small)
+  poly_cosine = tiny_config(tmp_path, method="adaoutput",
+                            **dict(UDA, **{"adaoutput.poly_power": 0.9, "optimizer.schedule": "cosine"}))
+  with pytest.raises(ValueError, match="optimizer.schedule='constant'"):
+    adaoutput.validate(poly_cosine)
+  with pytest.raises(ValueError, match="data.target_adaptation=True"):
+    adaoutput.validate(tiny_config(tmp_path, method="adaoutput", **{"data.in_plane_shape": SHAPE}))
+  bad_level = tiny_config(tmp_path, method="adaoutput",
+                          **dict(UDA, **{"adaoutput.multi_level": True, "adaoutput.aux_level": "up5"}))
+  with pytest.raises(ValueError, match="adaoutput.aux_level='up5'"):
+    adaoutput.validate(bad_level)
+
+
+def test_config_file_validates():
+  path = Path(__file__).resolve().parents[1] / "configs" / "uda" / "adaoutput.py"
+  for arg in (None, "quick"):
+    config = runpy.run_path(str(path))["get_config"](arg)
+    config_lib.validate(config)
+    assert config.adaoutput.multi_level and config.data.held_out == ("CT",)
+    assert min(config.data.in_plane_shape) >= 32
+  assert (config.adaoutput.weight, config.adaoutput.aux_weight, config.adaoutput.seg_aux_weight) == (0.001, 0.0002, 0.1)
+
+
+def test_trains_end_to_end_multi_level(tmp_path):
+  root = make_sites_dataset(tmp_path / "toy", sites=("A", "C"), cases=4, shape=(32, 32, 6))
+  config = tiny_config(root, method="adaoutput", num_steps=2, log_every=1, eval_every=2,
+                       **dict(UDA, **{"checkpoint.every": 2, "adaoutput.multi_level": True,
+                                      "eval.distances": False}))
+  result = train_lib.train_and_evaluate(config, tmp_path / "run")
+  assert {r["site"] for r in result["records"]} == {"A", "C"}
+  assert "AdaOutput (multi-level)" in result["markdown"]
+  for name in ("results.md", "results.csv", "results.json"):
+    assert (tmp_path / "run" / name).is_file()
+  logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in logged if r["kind"] == "train"]
+  assert [r["step"] for r in train] == [1, 2]
+  assert all(np.isfinite(r["loss_disc_aux"]) and np.isfinite(r["loss_adv"]) for r in train)
