@@ -15,8 +15,8 @@ stage-2 hyper-parameters (RMSProp 3e-4 with TF1's initial mean square 1, mu 0.00
 mask weight 0.3, 20 critic steps per DAM step, +1 every 300 cycles), with scaled-down step
 counts: 20k source steps (released 50k), 5k warm-up critic steps (released ~20k), then 42k
 sub-steps, ~2000 DAM steps (released 120k cycles of 20+ critic steps).
-`:quick` (64x64, U-Net 8-..-128, the 2-core CPU, a few minutes): 300 source steps, 50 warm-up
-steps, cycles of 5 critic steps + 1 DAM step to step 600 (~40 DAM steps), RMSProp from a zero
+`:quick` (64x64, U-Net 8-..-128, the 2-core CPU, a few minutes): 600 source steps (exactly the
+source-only run), 100 warm-up steps, cycles of 5 critic steps + 1 DAM step to step 1200 (~83 DAM steps), RMSProp from a zero
 mean square so that so few DAM steps move at all: a smoke test of the schedule, not a result
 (a 40-step run of it: 18 slices/s in stage 1 on the shared CPU, finite losses). `brain` /
 `brain_quick`: brain-modalities T1 -> T2. Data, split and sizes: config.uda_benchmark.
@@ -26,14 +26,14 @@ Numbers: not measured yet.
 
 from medgen_jax.config import base_config, uda_benchmark
 
-QUICK_STEPS = 600
+QUICK_STEPS = 1200
 
 
 def get_config(arg=None):
   config = uda_benchmark(base_config(), arg, method="pnp_adanet", num_steps=67_000, quick_steps=QUICK_STEPS)
   if arg and arg.endswith("quick"):
-    config.pnp.pretrain_steps = QUICK_STEPS // 2
-    config.pnp.critic_warmup_steps = 50
+    config.pnp.pretrain_steps = 600           # = the source-only run (same schedule, seed, batches)
+    config.pnp.critic_warmup_steps = 100
     config.pnp.critic_steps = 5
     config.pnp.critic_steps_growth_every = 0
     config.pnp.rmsprop_initial_scale = 0.0
