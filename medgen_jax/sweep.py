@@ -372,6 +372,9 @@ def write_uda_report(args, plan, finished, failed) -> int:
     notes.append(f"FAILED, not in the table ({len(failed)}): " +
                  "; ".join(f"{run.run_dir.relative_to(workdir)} ({why})" for run, why in failed))
   sections, csv_rows = [], [["config", "method", "direction", "seed", "structure", "dice", "asd"]]
+  configs_of: dict[str, set] = {}
+  for run, method, _ in finished:
+    configs_of.setdefault(method, set()).add(config_name(run.spec))
   for direction in dict.fromkeys(run.site for run in plan):
     target = direction.split("_to_")[1]
     rows: dict[str, dict[int, dict]] = {}
@@ -380,7 +383,9 @@ def write_uda_report(args, plan, finished, failed) -> int:
       if run.site != direction:
         continue
       scores = target_scores(records, target)
-      rows.setdefault(method, {})[run.seed] = scores
+      # Two configs giving the same method label get one row each, labelled with the config.
+      label = method if len(configs_of[method]) == 1 else f"{method} ({config_name(run.spec)})"
+      rows.setdefault(label, {})[run.seed] = scores
       if class_names is None:
         info = json.loads((run.run_dir / "data_info.json").read_text())
         class_names = [v for k, v in sorted(info["labels"].items(), key=lambda kv: int(kv[0])) if int(k)]

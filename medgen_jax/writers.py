@@ -22,8 +22,12 @@ from medgen_jax.data.nifti import write_bytes_atomic
 
 
 def _plain(value):
-  value = np.asarray(value)
-  return float(value) if value.ndim == 0 else value.tolist()
+  """A JSON value: a float, or a list; non-finite numbers become null (strict JSON: jq and other
+  tools refuse NaN; a phase of a method that does not compute a metric logs it as NaN)."""
+  value = np.asarray(value, np.float64)
+  if value.ndim == 0:
+    return float(value) if np.isfinite(value) else None
+  return value.tolist() if np.all(np.isfinite(value)) else [_plain(v) for v in value]
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -75,7 +79,7 @@ class MetricWriter:
       return
     record = {"step": int(step), "kind": kind, "model": self.model}
     record.update({k: _plain(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
     self._jsonl.flush()
     self._add_scalars(record)
     self._tb.flush()

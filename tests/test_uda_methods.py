@@ -255,3 +255,21 @@ def get_config(arg=None):
   assert sweep.main(["--uda", "--config", str(config_file), "--directions", "A:B", "--seeds", "1",
                      "--workdir", str(tmp_path / "bad")]) == 1
   assert "'A:B' is not SOURCE:TARGET" in capsys.readouterr().err
+  # Two configs with the same method label: one row each, named by config (not merged seeds).
+  twin = tmp_path / "twin.py"
+  twin.write_text(config_file.read_text())
+  assert sweep.main(["--uda", "--config", f"{config_file}:source_only", "--config", f"{twin}:source_only",
+                     "--directions", "A:C", "--seeds", "1", "--workdir", str(tmp_path / "twins")]) == 0
+  table = (tmp_path / "twins" / "sweep.md").read_text()
+  assert "| source_only (uda_tiny_source_only) |" in table and "| source_only (twin_source_only) |" in table
+
+
+def test_metrics_log_is_strict_json_with_null_for_non_finite_values(tmp_path):
+  from medgen_jax.writers import MetricWriter
+  writer = MetricWriter(tmp_path, model="m", resume_step=0)
+  writer.write(1, "train", {"loss": np.float32(0.5), "loss_disc": np.float32(np.nan),
+                            "dice": np.asarray([0.1, np.inf])})
+  writer.close()
+  line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+  assert "NaN" not in line and "Infinity" not in line
+  assert json.loads(line)["loss_disc"] is None and json.loads(line)["dice"] == [0.1, None]
