@@ -4,6 +4,12 @@
                                     [--variants fast,plain] [--steps 10] [--repeats 3]
     python benchmarks/train_step.py --methods deepall,mldg,masf,saml --configs 12x128 --variants fast,plain
 
+With --methods source_only,dann,adda,adaoutput,pnp_adanet the unsupervised adaptation steps are
+timed on brain-sites with A as the labelled source and D as the unlabelled target (batch B source
++ B target slices), each line gaining `ratio_to_source_only`. Methods with phases (ADDA:
+pre-training, adaptation; PnP-AdaNet: source, critic, DAM) get one line per phase after the
+first (`adda[1]`, `pnp_adanet[1]`, `pnp_adanet[2]`): the first phase is the source-only step.
+
 With --methods, the meta-learning steps (MLDG, MASF, SAML; second order and, as order 1,
 first order) are timed on the same total batch as DeepAll (meta-train 2 domains + meta-test 1,
 batch/3 slices each), and each line gains `order` and `ratio_to_deepall` (same variant/size).
@@ -37,7 +43,11 @@ import jax  # noqa: E402
 
 from medgen_jax import methods, parallel, train_lib  # noqa: E402
 from medgen_jax.config import base_config  # noqa: E402
+from medgen_jax.methods.base import Phases  # noqa: E402
 from medgen_jax.data.pipeline import prepare_data  # noqa: E402
+
+
+PHASES = {"adda": 2, "pnp_adanet": 3}   # methods whose step is methods/base.Phases: how many
 
 
 def peak_memory_mb() -> float:
@@ -53,7 +63,7 @@ def block(tree):
 
 
 def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, steps: int, repeats: int,
-            method: str = "deepall", first_order: bool = False):
+            method: str = "deepall", first_order: bool = False, phase: int | None = None):
   config = base_config()
   config.method = method
   config.meta.first_order = first_order
@@ -65,6 +75,11 @@ def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, st
   config.model.fast_ops = fast
   config.batch_size = batch
   config.num_steps = 1000
+  uda = methods.get(method).SAMPLER == "source_target" or method == "source_only"
+  if uda:  # adaptation: the first site is the labelled source, D the unlabelled target
+    config.data.target_adaptation = True
+    config.data.sites = ("A", "D")
+    config.eval.selection = "last"
   data = prepare_data(config.data, progress=None)
   sources = list(data.sources)
   if methods.get(method).SAMPLER != "episodic":
@@ -72,7 +87,10 @@ def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, st
       sources = sources[:-1]
   sampler = train_lib.make_sampler(config, data, sources)
   parts = train_lib.init_run_parts(config, data.num_classes)  # the method's own networks and step
-  runner = parallel.DataParallel(parts.step)
+  step_fn = parts.step
+  if isinstance(step_fn, Phases):  # time one phase: `phase` (default: the last, the adaptation)
+    step_fn = step_fn.steps[len(step_fn.steps) - 1 if phase is None else phase]
+  runner = parallel.DataParallel(step_fn)
   state = parts.state
   state = runner.replicate(state)
   key = jax.random.PRNGKey(0)
@@ -127,21 +145,34 @@ def main() -> int:
     batch, size = (int(v) for v in spec.split("x"))
     for dtype in args.dtypes.split(","):
       for variant in args.variants.split(","):
-        deepall_ms = None
+        deepall_ms = source_only_ms = None
         for method in args.methods.split(","):
-          orders = [2] if method in ("deepall", "separate") else [int(o) for o in args.orders.split(",")]
-          for order in orders:
+          kind = methods.get(method).SAMPLER
+          orders = [int(o) for o in args.orders.split(",")] if kind == "episodic" else [2]
+          runs = [(order, None) for order in orders]
+          if method in PHASES:
+            runs = [(2, p) for p in range(1, PHASES[method])]
+          for order, phase in runs:
             r = measure(batch, size, dtype, variant == "fast", data_root=args.data_root,
-                        steps=args.steps, repeats=args.repeats, method=method, first_order=order == 1)
+                        steps=args.steps, repeats=args.repeats, method=method, first_order=order == 1,
+                        phase=phase)
+            if phase is not None:
+              r["name"] = f"{method}[{phase}]"
             if method == "deepall":
               deepall_ms = r["step_ms"]
+            elif method == "source_only":
+              source_only_ms = r["step_ms"]
+            elif methods.get(method).SAMPLER == "source_target" and source_only_ms:
+              r["ratio_to_source_only"] = round(r["step_ms"] / source_only_ms, 2)
             elif deepall_ms:
               r["ratio_to_deepall"] = round(r["step_ms"] / deepall_ms, 2)
             if args.json:
               print(json.dumps(r), flush=True)
             else:
-              label = method + (f" order {r['order']}" if "order" in r else "")
+              label = r["name"] + (f" order {r['order']}" if "order" in r else "")
               ratio = f"  {r['ratio_to_deepall']:.2f}x DeepAll" if "ratio_to_deepall" in r else ""
+              if "ratio_to_source_only" in r:
+                ratio = f"  {r['ratio_to_source_only']:.2f}x source only"
               print(f"{label:14s} {r['variant']:5s} batch {batch:3d} {size}x{size} {dtype:8s}: "
                     f"{r['step_ms']:8.1f} ms/step {r['slices_per_s']:8.1f} slices/s  compile {r['compile_s']:5.1f} s  "
                     f"peak {r['peak_mem_mb']:.0f} MB  data wait {100 * r['data_wait_fraction']:.1f} %{ratio}",

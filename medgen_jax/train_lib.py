@@ -49,7 +49,7 @@ from medgen_jax.data.splits import save_splits
 from medgen_jax.evaluation import (TrainedModel, abstract_state, evaluate_cases, evaluate_models,
                                    restore_selected, run_info, selection_key, trained_model)
 from medgen_jax.inference import make_predict_fn
-from medgen_jax.methods.base import RunInfo
+from medgen_jax.methods.base import Phases, RunInfo
 from medgen_jax.report import mean_dice
 from medgen_jax.runs import check_config, prepare_workdir, save_config
 from medgen_jax.writers import MetricWriter
@@ -222,7 +222,11 @@ def _train_loop(config, data, parts: RunParts, state, sampler, ckpts, *, name, s
       out["oracle_dice"] = mean_dice(evaluate_cases(predict, variables, oracle_cases, **common))
     return out
 
-  runner = parallel.DataParallel(parts.step)
+  # A method with phases (methods/base.Phases) gets one compiled step per phase, picked here
+  # from the step number; the others run the one step they declare.
+  phases = parts.step if isinstance(parts.step, Phases) else Phases((parts.step,), lambda step: 0)
+  runners = [parallel.DataParallel(fn) for fn in phases.steps]
+  runner = runners[0]  # replication, transfers: the same devices for every phase
   replicated = runner.replicate(state)
   base_key = np.asarray(state.rng)
   saved = ckpts.steps()
@@ -249,7 +253,7 @@ def _train_loop(config, data, parts: RunParts, state, sampler, ckpts, *, name, s
   try:
     with parallel.Prefetcher(device_batch, range(start, config.num_steps), size=2) as batches:
       for step, (batch, key) in zip(range(start, config.num_steps), batches):
-        replicated, metrics = runner.step_on_devices(replicated, batch, key)
+        replicated, metrics = runners[int(phases.schedule(step))].step_on_devices(replicated, batch, key)
         done = step + 1
         progress.step()
         if step == start:  # leave the compilation out of the throughput figure (one sync, once)

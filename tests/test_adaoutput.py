@@ -68,7 +68,8 @@ def setting(tmp_path_factory):
   after_seg, seg_metrics, outputs = seg_update(state, batch, key)
   after_disc, disc_metrics = disc_update(after_seg, outputs)
   return dict(config=config, state=state, batch=batch, key=key, parts=parts, after_seg=after_seg,
-              seg_metrics=seg_metrics, outputs=outputs, after_disc=after_disc, disc_metrics=disc_metrics)
+              seg_metrics=seg_metrics, outputs=outputs, after_disc=after_disc, disc_metrics=disc_metrics,
+              disc_update=disc_update)
 
 
 def test_networks_and_registry(setting):
@@ -140,6 +141,68 @@ def test_step_losses_are_the_formulas_on_the_discriminators_outputs(setting):
   new, _ = jax.jit(sgd)(before, outputs)
   expected = jax.tree.map(lambda p, g: np.asarray(p) - np.asarray(g), psi, jax.jit(jax.grad(hand_loss))(psi))
   assert norm_diff(new.nets["disc"].params, expected) < 1e-5 * norm_diff(expected, psi)
+
+
+def test_the_adversarial_terms_move_the_segmenter_and_aux_head_by_their_hand_gradients(setting):
+  """SGD(1): θ(λ_adv = w, λ_adv^aux = a) − θ(0, 0) = −∇θ[w·L_adv + a·L_adv^aux] and the aux head's
+  difference = −a·∇ L_adv^aux, with L_adv = mean −log(1 − σ(D(P_t))) written out on D's output
+  for the target map (D softmaxes the logits it is given), L_adv^aux the same on D_aux and the
+  bilinearly upsampled aux logits: the adversarial gradients reach G and the aux head."""
+  w, a = 40.0, 20.0   # large: D's 0.02-scale initial kernels give small adversarial gradients
+  state, batch, key, parts = setting["state"], setting["batch"], setting["key"], setting["parts"]
+  disc, head = parts["disc"], parts["head"]
+  sgd = optax.sgd(1.0)
+  state = state.replace(opt_state=sgd.init(state.params),
+                        nets=dict(state.nets, aux_head=base.init_net(state.nets["aux_head"].params, {}, sgd)))
+
+  def update(weight, aux_weight):
+    config = tiny_config(Path("unused"), method="adaoutput",
+                         **dict(UDA, **{"adaoutput.multi_level": True, "adaoutput.weight": weight,
+                                        "adaoutput.aux_weight": aux_weight}))
+    model = deepall.segmenter(config, INFO, train=True)
+    return model, adaoutput.make_segmenter_update(model, sgd, config, num_classes=4, disc=disc, head=head)
+
+  model, with_adv = update(w, a)
+  _, without = update(0.0, 0.0)
+  (ours, _, _), (plain, _, _) = jax.jit(lambda s: (with_adv(s, batch, key), without(s, batch, key)))(state)
+  psi, psi_aux = state.nets["disc"].params, state.nets["disc_aux"].params
+
+  def adv(params, head_params, weight, aux_weight):   # the target pass alone: train-mode BN, no dropout
+    (logits_t, levels_t), _ = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                          batch["target"]["image"], train=True, return_levels=True,
+                                          mutable=["batch_stats"])
+    aux_t = jax.image.resize(head.apply({"params": head_params}, levels_t["up1"]), logits_t.shape, "bilinear")
+    d_t, d_aux = disc.apply({"params": psi}, logits_t), disc.apply({"params": psi_aux}, aux_t)
+    return (weight * jnp.mean(-jnp.log(1 - jax.nn.sigmoid(d_t)))
+            + aux_weight * jnp.mean(-jnp.log(1 - jax.nn.sigmoid(d_aux))))
+
+  grad = jax.jit(jax.grad(adv, argnums=(0, 1)), static_argnums=(2, 3))
+  head_params = state.nets["aux_head"].params
+  g_theta, g_head = grad(state.params, head_params, w, a)
+  g_main, _ = grad(state.params, head_params, w, 0.0)
+  got_theta = jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), ours.params, plain.params)
+  got_head = jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64),
+                          ours.nets["aux_head"].params, plain.nets["aux_head"].params)
+  want_theta = jax.tree.map(lambda g: -np.asarray(g, np.float64), g_theta)
+  want_head = jax.tree.map(lambda g: -np.asarray(g, np.float64), g_head)
+  scale = norm_diff(want_theta, jax.tree.map(np.zeros_like, want_theta))
+  error = norm_diff(got_theta, want_theta)
+  main = norm_diff(g_main, jax.tree.map(np.zeros_like, g_main))   # ‖w·∇θ L_adv‖: the final output's share
+  assert main > 0.1 * scale and main > 100 * error, (main, scale, error)
+  assert error < 1e-2 * scale, (error, scale)
+  head_scale = norm_diff(want_head, jax.tree.map(np.zeros_like, want_head))
+  assert head_scale > 0 and norm_diff(got_head, want_head) < 1e-2 * head_scale
+
+
+def test_discriminator_update_flags_non_finite_maps(setting):
+  """A NaN in the target maps D trains on is recorded for the iteration's step (the segmenter
+  update already advanced state.step)."""
+  before = setting["after_seg"]
+  outputs = dict(setting["outputs"])
+  outputs["target"] = outputs["target"].at[0, 0, 0, 0].set(jnp.nan)
+  new, metrics = setting["disc_update"](before, outputs)
+  assert not np.isfinite(float(metrics["loss_disc"]))
+  assert int(before.first_bad_step) == 0 and int(new.first_bad_step) == int(before.step) == 1
 
 
 def test_with_weight_0_the_segmenter_update_is_a_deepall_step_on_the_source(setting):

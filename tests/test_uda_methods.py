@@ -86,6 +86,44 @@ def test_a_new_method_trains_resumes_and_evaluates_without_trainer_changes(two_s
   assert [r["counter"] for r in logged if "counter" in r] == [2.0, 4.0]
 
 
+class _PhasedCountingMethod(_CountingMethod):
+  """Two phases (methods/base.Phases): steps 0-1 add 1 to the counter, steps 2.. add 10."""
+
+  @staticmethod
+  def make_step(config, info):
+    inner = deepall.make_step(config, info)
+
+    def add(amount):
+      def step(state, batch, key):
+        new, metrics = inner(state, batch, key)
+        counter = base.update_net(new.nets["counter"], optax.sgd(1.0), {"value": -amount * jnp.ones(())})
+        return new.replace(nets={"counter": counter}), dict(metrics, counter=counter.params["value"])
+      return step
+
+    return base.Phases(steps=(add(1.0), add(10.0)), schedule=lambda step: (jnp.asarray(step) >= 2).astype(jnp.int32))
+
+
+def test_the_trainer_runs_each_phase_at_its_steps(two_sites, tmp_path, monkeypatch):
+  monkeypatch.setitem(methods.MODULES, "phased", _PhasedCountingMethod)
+  monkeypatch.setattr(train_lib.config_lib, "METHODS", tuple(methods.MODULES))
+  config = tiny_config(two_sites, **{"data.held_out": ("C",), "num_steps": 4, "log_every": 1,
+                                     "eval_every": 4, "checkpoint.every": 4, "eval.selection": "last",
+                                     "eval.distances": False})
+  with config.unlocked():
+    config.method = "phased"
+  train_lib.train_and_evaluate(config, tmp_path / "run")
+  logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["counter"] for r in logged if "counter" in r] == [1.0, 2.0, 12.0, 22.0]
+  # Called as one function (lax.switch on the traced step), the same values.
+  info = base.RunInfo(4, (16, 16, 1))
+  phases = _PhasedCountingMethod.make_step(config, info)
+  state = _PhasedCountingMethod.init_state(jax.random.PRNGKey(0), config, info)
+  batch = {"image": np.zeros((4, 16, 16, 1), np.float32), "label": np.zeros((4, 16, 16), np.int32)}
+  for expected in (1.0, 2.0, 12.0):
+    state, metrics = jax.jit(phases)(state, batch, jax.random.PRNGKey(0))
+    assert float(metrics["counter"]) == expected
+
+
 # --- Source only / supervised target ---------------------------------------------------------
 
 

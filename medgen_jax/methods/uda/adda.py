@@ -1,6 +1,7 @@
 """ADDA: adversarial discriminative domain adaptation (Tzeng et al., CVPR 2017), on a U-Net.
 
-Two phases in one jitted step, chosen from `state.step` with `jax.lax.switch`:
+Two phases, each its own pure step, chosen from the step number (`make_step` returns
+methods/base.Phases: the trainer compiles each phase once and picks it on the host):
 
 1. Pre-training (steps 0 .. `adda.pretrain_steps` − 1), eq. 1 of the paper: the source model
    (encoder M_s and classifier C) is trained on the labelled source slices with the task loss
@@ -37,9 +38,9 @@ Differences from the paper / released code, on purpose:
 * BigAug (config.augment) applies to the source images of both phases when enabled.
 
 Metrics: `phase` (0 pre-training, 1 adaptation); `loss` is the segmentation loss in phase 1 and
-the target encoder's adversarial loss in phase 2; the metrics a phase does not compute are NaN
-(the TensorBoard writer skips them). The two-phase parts here (`source_step`, `switch_steps`,
-`init_two_stage`) are shared with PnP-AdaNet (pnp_adanet.py).
+the target encoder's adversarial loss in phase 2; each phase logs its own metrics (called as one
+function, Phases completes the other phase's names with NaN). The two-phase parts here
+(`source_step`, `init_two_stage`) are shared with PnP-AdaNet (pnp_adanet.py).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ import optax
 
 from medgen_jax import losses
 from medgen_jax.methods import deepall
-from medgen_jax.methods.base import device_mean, flag_non_finite, fold_device, init_net, state_norms, update_net
+from medgen_jax.methods.base import (Phases, device_mean, flag_non_finite, fold_device, init_net,
+                                     state_norms, update_net)
 from medgen_jax.methods.deepall import finish_step
 from medgen_jax.methods.uda import common
 from medgen_jax.models.gan import FeatureDiscriminator
@@ -66,13 +68,24 @@ def label(config, sources) -> str:
 
 
 def check_pretrain_steps(steps: int, num_steps: int, key: str) -> None:
-  if not 0 <= steps < num_steps:
-    raise ValueError(f"config.{key}={steps}: the source pre-training must end before num_steps "
-                     f"({num_steps}) so that the adaptation runs: use 0 <= {key} < num_steps")
+  if not 1 <= steps < num_steps:
+    raise ValueError(f"config.{key}={steps}: the source model must be pre-trained (>= 1 step) and the "
+                     f"pre-training must end before num_steps ({num_steps}) so that the adaptation runs: "
+                     f"use 1 <= {key} < num_steps")
+
+
+def check_selection(config, label: str) -> None:
+  """A two-phase method refuses eval.selection='val': the best source-validation checkpoint can
+  fall in the source pre-training phase, which would report the source-only model as `label`."""
+  if config.eval.selection == "val":
+    raise ValueError(f"config.eval.selection='val': {label}'s best source-validation checkpoint can be a "
+                     f"source pre-training one (the source-only model reported as {label}); use "
+                     f"eval.selection='last' (or 'oracle', labelled as such)")
 
 
 def validate(config) -> None:
   common.validate_target(config)
+  check_selection(config, LABEL)
   common.check_level(config.adda.level, config.model.depth, "adda.level")
   check_pretrain_steps(config.adda.pretrain_steps, config.num_steps, "adda.pretrain_steps")
 
@@ -107,26 +120,6 @@ def source_step(state: TrainState, batch, key, config, info, *, pretrain_steps: 
   return new.replace(opt_state=dict(state.opt_state, source=new.opt_state), nets=nets), metrics
 
 
-def switch_steps(index, branches, state, batch, key):
-  """`jax.lax.switch(index, branches, state, batch, key)` where each branch returns (state,
-  metrics) with its own metric names: every branch's metrics are completed with NaN for the
-  names only the other branches compute, so all branches return the same structure."""
-  shapes = [jax.eval_shape(branch, state, batch, key)[1] for branch in branches]
-  spec = {}
-  for shape in shapes:
-    spec.update(shape)
-
-  def complete(branch):
-    def run(state, batch, key):
-      new, metrics = branch(state, batch, key)
-      out = {name: metrics[name] if name in metrics else jnp.full(s.shape, jnp.nan, s.dtype)
-             for name, s in spec.items()}
-      return new, out
-    return run
-
-  return jax.lax.switch(index, [complete(b) for b in branches], state, batch, key)
-
-
 def keep_frozen(old, new, is_trainable):
   """The new parameters of the trainable top-level modules, the old (bit-identical) others."""
   return {name: (new[name] if is_trainable(name) else old[name]) for name in old}
@@ -141,6 +134,8 @@ def discriminator(config):
 
 
 def adam(config):
+  """Phase 2's optimizer (D and the target encoder): every phase-2 update builds it here, so a
+  test can substitute one (e.g. SGD(1) for a hand-gradient check)."""
   return common.adam(config.adda.learning_rate, b1=config.adda.b1)
 
 
@@ -222,7 +217,9 @@ def encoder_update(state: TrainState, batch, key, config, info):
   params = keep_frozen(state.params, optax.apply_updates(state.params, updates), trainable)
   stats = common.keep_frozen_stats(state.batch_stats, stats, trainable)
   new = state.replace(params=params, batch_stats=stats, opt_state=dict(state.opt_state, target=opt_target))
-  return new, {"loss_adv": loss, "encoder_grad_norm": optax.tree.norm(grads)}
+  # The norm of the trainable (encoder) part: the frozen blocks' gradients are not applied.
+  grad_norm = optax.tree.norm({name: g for name, g in grads.items() if trainable(name)})
+  return new, {"loss_adv": loss, "encoder_grad_norm": grad_norm}
 
 
 def adapt_step(state: TrainState, batch, key, config, info):
@@ -241,16 +238,15 @@ def phase(step, config):
 
 
 def make_step(config, info):
+  """Phases (methods/base.py): source pre-training, then adaptation, chosen by `phase`."""
   def pretrain(state, batch, key):
+    key = fold_device(key, info.axis_name)
     new, metrics = source_step(state, batch, key, config, info, pretrain_steps=config.adda.pretrain_steps)
     return new, dict(metrics, phase=jnp.zeros((), jnp.float32))
 
   def adapt(state, batch, key):
+    key = fold_device(key, info.axis_name)
     new, metrics = adapt_step(state, batch, key, config, info)
     return new, dict(metrics, phase=jnp.ones((), jnp.float32))
 
-  def step(state, batch, key):
-    key = fold_device(key, info.axis_name)
-    return switch_steps(phase(state.step, config), [pretrain, adapt], state, batch, key)
-
-  return step
+  return Phases(steps=(pretrain, adapt), schedule=lambda step: phase(step, config))

@@ -66,10 +66,10 @@ import optax
 
 from medgen_jax import losses
 from medgen_jax.methods import deepall
-from medgen_jax.methods.base import device_mean, flag_non_finite, fold_device, init_net, state_norms
+from medgen_jax.methods.base import Phases, device_mean, flag_non_finite, fold_device, init_net, state_norms
 from medgen_jax.methods.uda import common
-from medgen_jax.methods.uda.adda import (check_pretrain_steps, init_two_stage, keep_frozen, source_step,
-                                         switch_steps)
+from medgen_jax.methods.uda.adda import (check_pretrain_steps, check_selection, init_two_stage, keep_frozen,
+                                         source_step)
 from medgen_jax.models.gan import FeatureDiscriminator
 from medgen_jax.train_state import TrainState
 
@@ -86,6 +86,7 @@ def label(config, sources) -> str:
 def validate(config) -> None:
   c = config.pnp
   common.validate_target(config)
+  check_selection(config, LABEL)
   if not c.levels:
     raise ValueError("config.pnp.levels: name at least one U-Net block for the feature critic")
   for name in c.levels:
@@ -102,6 +103,11 @@ def validate(config) -> None:
       raise ValueError(f"config.pnp.{key}={c[key]}: must be >= 0")
   if c.clip <= 0:
     raise ValueError(f"config.pnp.clip={c.clip}: the critics' weight clipping bound must be > 0")
+  first_dam = c.pretrain_steps + c.critic_warmup_steps + c.critic_steps   # 0-based step of the first DAM step
+  if first_dam >= config.num_steps:
+    raise ValueError(f"config.pnp: pretrain_steps + critic_warmup_steps + critic_steps = {first_dam} >= "
+                     f"num_steps ({config.num_steps}): no DAM step would run (the target network would be the "
+                     f"source model); lower them or raise num_steps")
 
 
 # --- Schedule ------------------------------------------------------------------------------------
@@ -281,7 +287,9 @@ def dam_update(state: TrainState, batch, key, config, info):
   updates, opt_target = tx.update(grads, state.opt_state["target"], state.params)
   params = keep_frozen(state.params, optax.apply_updates(state.params, updates), trainable)
   new = state.replace(params=params, opt_state=dict(state.opt_state, target=opt_target))
-  return new, {"loss_dam": loss, "dam_grad_norm": optax.tree.norm(grads)}
+  # The norm of the trainable part (the DAM): the frozen blocks' gradients are not applied.
+  grad_norm = optax.tree.norm({name: g for name, g in grads.items() if trainable(name)})
+  return new, {"loss_dam": loss, "dam_grad_norm": grad_norm}
 
 
 def make_step(config, info):
@@ -291,20 +299,19 @@ def make_step(config, info):
             dict(metrics, loss=loss, phase=jnp.asarray(phase, jnp.float32)))
 
   def source(state, batch, key):
+    key = fold_device(key, info.axis_name)
     new, metrics = source_step(state, batch, key, config, info, pretrain_steps=config.pnp.pretrain_steps)
     return new, dict(metrics, phase=jnp.asarray(SOURCE, jnp.float32))
 
   def critic(state, batch, key):
+    key = fold_device(key, info.axis_name)
     new, metrics = critic_update(state, batch, key, config, info)
     return finish(state, new, metrics, CRITIC, metrics["loss_critic"],
                   [metrics["loss_critic"], metrics["critic_grad_norm"], metrics["mask_critic_grad_norm"]])
 
   def adapt(state, batch, key):
+    key = fold_device(key, info.axis_name)
     new, metrics = dam_update(state, batch, key, config, info)
     return finish(state, new, metrics, DAM, metrics["loss_dam"], [metrics["loss_dam"], metrics["dam_grad_norm"]])
 
-  def step(state, batch, key):
-    key = fold_device(key, info.axis_name)
-    return switch_steps(schedule_of(config, state.step), [source, critic, adapt], state, batch, key)
-
-  return step
+  return Phases(steps=(source, critic, adapt), schedule=lambda step: schedule_of(config, step))
