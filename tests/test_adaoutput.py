@@ -281,6 +281,8 @@ def test_config_file_validates():
   assert (config.adaoutput.weight, config.adaoutput.aux_weight, config.adaoutput.seg_aux_weight) == (0.001, 0.0002, 0.1)
 
 
+@pytest.mark.slow  # the trainer path (source+target sampler, nets in the checkpoint) runs in DANN's and
+                   # PnP-AdaNet's end-to-end tests; the multi-level step is tested above
 def test_trains_end_to_end_multi_level(tmp_path):
   root = make_sites_dataset(tmp_path / "toy", sites=("A", "C"), cases=4, shape=(32, 32, 6))
   config = tiny_config(root, method="adaoutput", num_steps=2, log_every=1, eval_every=2,
