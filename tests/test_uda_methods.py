@@ -311,3 +311,37 @@ def test_metrics_log_is_strict_json_with_null_for_non_finite_values(tmp_path):
   line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
   assert "NaN" not in line and "Infinity" not in line
   assert json.loads(line)["loss_disc"] is None and json.loads(line)["dice"] == [0.1, None]
+
+
+def test_killed_adaptation_run_resumes_bit_identical_across_its_phases(two_sites, tmp_path, monkeypatch):
+  """PnP-AdaNet (source phase, critic warm-up, critic/DAM cycles; four networks, three optimizer
+  states): killed in its adversarial stage, resumed, it ends bit-identical to a straight run."""
+  import orbax.checkpoint as ocp
+  pnp = {"pnp.pretrain_steps": 2, "pnp.critic_warmup_steps": 1, "pnp.critic_steps": 1,
+         "pnp.critic_steps_growth_every": 0, "pnp.levels": ("down1", "bottleneck"), "pnp.adapt_levels": 1,
+         "pnp.critic_features": 4, "pnp.mask_critic_features": 4, "pnp.critic_layers": 2}
+  config = lambda: tiny_config(two_sites, method="pnp_adanet", num_steps=7, log_every=1, eval_every=7,
+                               **UDA, **pnp, **{"checkpoint.every": 2, "eval.distances": False})
+  train_lib.train_and_evaluate(config(), tmp_path / "straight")
+  original = SourceTargetSampler.batch_at
+
+  def killed_at_step_5(self, step):  # step 4 (a critic step) was saved; 5 (DAM) is redone
+    if step == 5:
+      raise KeyboardInterrupt("simulated kill")
+    return original(self, step)
+
+  monkeypatch.setattr(SourceTargetSampler, "batch_at", killed_at_step_5)
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.train_and_evaluate(config(), tmp_path / "resumed")
+  monkeypatch.setattr(SourceTargetSampler, "batch_at", original)
+  train_lib.train_and_evaluate(config(), tmp_path / "resumed")
+
+  def saved(run):
+    return ocp.StandardCheckpointer().restore((tmp_path / run / "pnp_adanet" / "checkpoints" / "7" / "state").absolute())
+
+  straight, resumed = saved("straight"), saved("resumed")
+  assert set(straight["nets"]) == {"source", "critic", "mask_critic"}
+  leaves_a, leaves_b = jax.tree.leaves(straight), jax.tree.leaves(resumed)
+  assert len(leaves_a) == len(leaves_b) > 20
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
