@@ -436,7 +436,7 @@ def test_only_process_zero_generates_data_and_writes_run_files(dataset, tmp_path
   assert sorted(p.name for p in (tmp_path / "w0").iterdir()) == [
       "config.json", "data_info.json", "normalizer.json", "splits.json"]
   calls = []
-  monkeypatch.setattr(pipeline, "ensure_brain_sites", lambda *a, **k: calls.append(a))
+  monkeypatch.setattr(pipeline, "ensure_benchmark", lambda *a, **k: calls.append(a))
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   config = tiny_config(tmp_path / "brain-sites")
   with pytest.raises(Exception, match="dataset folder does not exist"):
