@@ -313,6 +313,8 @@ def test_metrics_log_is_strict_json_with_null_for_non_finite_values(tmp_path):
   assert json.loads(line)["loss_disc"] is None and json.loads(line)["dice"] == [0.1, None]
 
 
+@pytest.mark.slow  # resume: test_train.py::test_killed_run_resumes_bit_identical; phase dispatch by
+                   # the trainer: test_the_trainer_runs_each_phase_at_its_steps (both in the default run)
 def test_killed_adaptation_run_resumes_bit_identical_across_its_phases(two_sites, tmp_path, monkeypatch):
   """PnP-AdaNet (source phase, critic warm-up, critic/DAM cycles; four networks, three optimizer
   states): killed in its adversarial stage, resumed, it ends bit-identical to a straight run."""
