@@ -14,7 +14,8 @@ One objective, minimized over the segmenter θ and the domain classifier ψ at o
   p = step / num_steps and γ = 10 (`dann.gamma`).
 
 Both networks are updated in the same step from the same gradient: θ by config.optimizer, ψ by
-Adam(`dann.disc_lr`). The paper's SGD schedule μ_p = 0.01/(1+10p)^0.75 is not the default here
+Adam(`dann.disc_lr`) on w·∇ψ L_d (the usual gradient-reversal implementation; the reversal scale
+λ acts on θ only). The paper's SGD schedule μ_p = 0.01/(1+10p)^0.75 is not the default here
 (config.optimizer applies to θ, as for every segmenter); configs say which they use.
 BatchNorm: see methods/uda/common.py (separate source and target passes).
 """
