@@ -43,15 +43,13 @@ Labels are the subject's own {0 background, 1 CSF, 2 GM, 3 WM} (as brain-sites).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from medgen_jax.data import anatomy as anatomy_lib
-from medgen_jax.data.nifti import write_nifti
-from medgen_jax.data.simulate import bias_field, rician_noise
+from medgen_jax.data.simulate import bias_field, rician_noise, write_modality_cases
 
 MODALITIES = ("T1", "T2", "CT")
 STREAM_TAG = 101  # separates this benchmark's random streams from brain-sites' [seed, site, case]
@@ -146,20 +144,8 @@ def synthesize_case(modality: str, case_index: int, *, seed: int, resolution_mm:
 def write_cases(folder: Path, *, cases_per_site: int, seed: int, resolution_mm: int = 2,
                 progress=print) -> dict:
   """Writes `folder/<modality>/caseNNN_{image,label}.nii.gz`; returns the dataset.json content."""
-  scans = {}
-  start = time.time()
-  for modality in MODALITIES:
-    for j in range(cases_per_site):
-      image, label, affine, params = synthesize_case(modality, j, seed=seed, resolution_mm=resolution_mm)
-      case = f"case{j:03d}"
-      if modality == "CT":  # integer HU, as CT scanners export
-        write_nifti(folder / modality / f"{case}_image.nii.gz", np.round(image).astype(np.int16), affine)
-      else:  # int16 with scl_slope/scl_inter, as MR scanners export
-        write_nifti(folder / modality / f"{case}_image.nii.gz", image, affine, on_disk_dtype=np.int16)
-      write_nifti(folder / modality / f"{case}_label.nii.gz", label.astype(np.uint8), affine)
-      scans[f"{modality}/{case}"] = {k: v for k, v in params.items() if k != "bias_coefficients"}
-      if progress:
-        progress(f"  {modality}/{case}  ({time.time() - start:.0f} s)")
+  scans = write_modality_cases(folder, MODALITIES, cases_per_site=cases_per_site, progress=progress,
+                               synthesize_case=lambda m, j: synthesize_case(m, j, seed=seed, resolution_mm=resolution_mm))
   sites = {
       "T1": {"modality": "T1", "description": "T1-weighted MR, BrainWeb T1 tissue contrast (WM > GM > CSF)",
              "tissue_means": TISSUE_MEANS["T1"], "psf_fwhm_mm": MR_PSF_FWHM_MM, "noise_of_wm": MR_NOISE},

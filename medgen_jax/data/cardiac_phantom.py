@@ -58,14 +58,12 @@ an axial slice upsampled to 256 × 256 is a 0.75 mm crop around the heart like M
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from medgen_jax.data.nifti import write_nifti
-from medgen_jax.data.simulate import bias_field, rician_noise
+from medgen_jax.data.simulate import bias_field, rician_noise, write_modality_cases
 
 LABEL_NAMES = {0: "background", 1: "MYO", 2: "LAC", 3: "LVC", 4: "AA"}
 MYO, LAC, LVC, AA = 1, 2, 3, 4
@@ -316,20 +314,8 @@ def synthesize_case(modality: str, case_index: int, *, seed: int, spacing_mm: fl
 def write_cases(folder: Path, *, cases_per_site: int, seed: int, spacing_mm: float = 2.0,
                 progress=print) -> dict:
   """Writes `folder/<MR|CT>/caseNNN_{image,label}.nii.gz`; returns the dataset.json content."""
-  scans = {}
-  start = time.time()
-  for modality in MODALITIES:
-    for j in range(cases_per_site):
-      image, label, affine, params = synthesize_case(modality, j, seed=seed, spacing_mm=spacing_mm)
-      case = f"case{j:03d}"
-      if modality == "CT":  # integer HU, as CT scanners export
-        write_nifti(folder / modality / f"{case}_image.nii.gz", np.round(image).astype(np.int16), affine)
-      else:  # int16 with scl_slope/scl_inter, as MR scanners export
-        write_nifti(folder / modality / f"{case}_image.nii.gz", image, affine, on_disk_dtype=np.int16)
-      write_nifti(folder / modality / f"{case}_label.nii.gz", label, affine)
-      scans[f"{modality}/{case}"] = {k: v for k, v in params.items() if k != "bias_coefficients"}
-      if progress:
-        progress(f"  {modality}/{case}  ({time.time() - start:.0f} s)")
+  scans = write_modality_cases(folder, MODALITIES, cases_per_site=cases_per_site, progress=progress,
+                               synthesize_case=lambda m, j: synthesize_case(m, j, seed=seed, spacing_mm=spacing_mm))
   ct_table = {k: list(v) if isinstance(v, tuple) else v for k, v in CT_HU.items()}
   return {
       "name": "cardiac-phantom",

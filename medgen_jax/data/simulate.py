@@ -31,11 +31,14 @@ Sources for the ranges (see ../shared/reference/data-and-conventions.md, table a
 from __future__ import annotations
 
 import dataclasses
+import time
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from medgen_jax.data.anatomy import Anatomy
+from medgen_jax.data.nifti import write_nifti
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,3 +177,24 @@ def simulate_scan(subject: Anatomy, params: dict, rng: np.random.Generator, *,
 def reference_intensity(params: dict, stages=("intensity",)) -> float:
   """The noise reference: the mapped intensity of T1 = 1 (bright white matter)."""
   return params["scale"] if "intensity" in stages else 1.0
+
+
+def write_modality_cases(folder, modalities, *, cases_per_site: int, synthesize_case, progress=print) -> dict:
+  """Writes `folder/<modality>/caseNNN_{image,label}.nii.gz` for the cross-modality benchmarks:
+  `synthesize_case(modality, j) -> (image, label, affine, params)`; CT as integer HU (as CT
+  scanners export), MR as int16 with scl_slope/scl_inter. Returns {modality/case: params} (the
+  bias coefficients left out) for dataset.json."""
+  folder, scans, start = Path(folder), {}, time.time()
+  for modality in modalities:
+    for j in range(cases_per_site):
+      image, label, affine, params = synthesize_case(modality, j)
+      case = f"case{j:03d}"
+      if modality == "CT":
+        write_nifti(folder / modality / f"{case}_image.nii.gz", np.round(image).astype(np.int16), affine)
+      else:
+        write_nifti(folder / modality / f"{case}_image.nii.gz", image, affine, on_disk_dtype=np.int16)
+      write_nifti(folder / modality / f"{case}_label.nii.gz", label.astype(np.uint8), affine)
+      scans[f"{modality}/{case}"] = {k: v for k, v in params.items() if k != "bias_coefficients"}
+      if progress:
+        progress(f"  {modality}/{case}  ({time.time() - start:.0f} s)")
+  return scans
