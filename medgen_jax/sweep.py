@@ -283,6 +283,22 @@ def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
   return plan, all_sites
 
 
+def write_tables(workdir: Path, markdown: str, csv_rows: list) -> bool:
+  """Prints the table and writes DIR/sweep.md and DIR/sweep.csv; False (one error line) if they
+  cannot be written."""
+  buffer = io.StringIO()
+  csv.writer(buffer).writerows(csv_rows)
+  print(markdown)
+  try:
+    write_bytes_atomic(workdir / "sweep.md", markdown.encode())
+    write_bytes_atomic(workdir / "sweep.csv", buffer.getvalue().encode())
+  except OSError as e:
+    print(f"error: cannot write {workdir / 'sweep.md'} ({e.strerror or e}); the table is printed above",
+          file=sys.stderr)
+    return False
+  return True
+
+
 def parse_directions(text: str, sites: list[str], spec: str) -> list[tuple[str, str]]:
   if text == "all":
     return [(a, b) for a in sites for b in sites if a != b]
@@ -401,15 +417,7 @@ def write_uda_report(args, plan, finished, failed) -> int:
     return 1
   markdown = ("# Unsupervised domain adaptation sweep\n\n" + "".join(f"- {n}\n" for n in notes) + "\n"
               + "\n".join(sections))
-  buffer = io.StringIO()
-  csv.writer(buffer).writerows(csv_rows)
-  print(markdown)
-  try:
-    write_bytes_atomic(workdir / "sweep.md", markdown.encode())
-    write_bytes_atomic(workdir / "sweep.csv", buffer.getvalue().encode())
-  except OSError as e:
-    print(f"error: cannot write {workdir / 'sweep.md'} ({e.strerror or e}); the table is printed above",
-          file=sys.stderr)
+  if not write_tables(workdir, markdown, csv_rows):
     return 1
   if failed:
     print(f"error: {len(failed)} of {len(plan)} run(s) failed (listed above)", file=sys.stderr)
@@ -506,15 +514,7 @@ def main(argv=None) -> int:
   if finished:
     table = sweep_table(rows, all_sites, args.seeds, row_sites)
     markdown = "# Leave-one-domain-out sweep\n\n" + "".join(f"- {n}\n" for n in notes) + f"\n{table}\n"
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows([["config", "method", "held_out", "seed", "unseen_dice"]] + csv_rows)
-    print(markdown)
-    try:
-      write_bytes_atomic(workdir / "sweep.md", markdown.encode())
-      write_bytes_atomic(workdir / "sweep.csv", buffer.getvalue().encode())
-    except OSError as e:
-      print(f"error: cannot write {workdir / 'sweep.md'} ({e.strerror or e}); the table is printed above",
-            file=sys.stderr)
+    if not write_tables(workdir, markdown, [["config", "method", "held_out", "seed", "unseen_dice"]] + csv_rows):
       return 1
   if failed:
     written = f"; the table of the {len(plan) - len(failed)} finished run(s) is in {workdir / 'sweep.md'}" \
