@@ -230,8 +230,8 @@ def validate(config) -> None:
                      "optimizer.learning_rate)")
 
 
-def label(module, config) -> str:
-  base = module.LABEL + (" (1st order)" if config.meta.first_order else "")
+def label(name: str, config) -> str:
+  base = name + (" (1st order)" if config.meta.first_order else "")
   return base + (" + BigAug" if config.augment.enabled else "")
 
 
@@ -256,10 +256,10 @@ def init_state(key, config, info, *, with_metric: bool):
   return state
 
 
-def make_step(module, config, info):
-  """`module.make_train_step` with the networks and optimizers of the config."""
+def make_step(make_train_step, config, info):
+  """A method's `make_train_step` with the networks and optimizers of the config."""
   metric_model, metric_tx = metric_network(config) if config.method in ("masf", "saml") else (None, None)
-  return module.make_train_step(
+  return make_train_step(
       deepall.segmenter(config, info, train=True), make_optimizer(config.optimizer, num_steps=config.num_steps),
       config, num_classes=info.num_classes, axis_name=info.axis_name,
       bn_sync=deepall.bn_synced(config, info), metric_model=metric_model, metric_tx=metric_tx,

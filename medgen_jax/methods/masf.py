@@ -36,7 +36,6 @@ variable-filter quirk).
 
 from __future__ import annotations
 
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -57,11 +56,11 @@ def init_state(key, config, info):
 
 
 def make_step(config, info):
-  return episodic.make_step(sys.modules[__name__], config, info)
+  return episodic.make_step(make_train_step, config, info)
 
 
 def label(config, sources):
-  return episodic.label(sys.modules[__name__], config)
+  return episodic.label(LABEL, config)
 
 
 def class_mean_features(features, onehot, *, eps: float = 1e-6):

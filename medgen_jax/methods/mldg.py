@@ -16,7 +16,6 @@ which scales L_tr and the inner step by the number of meta-train domains.
 
 from __future__ import annotations
 
-import sys
 
 import jax
 
@@ -36,11 +35,11 @@ def init_state(key, config, info):
 
 
 def make_step(config, info):
-  return episodic.make_step(sys.modules[__name__], config, info)
+  return episodic.make_step(make_train_step, config, info)
 
 
 def label(config, sources):
-  return episodic.label(sys.modules[__name__], config)
+  return episodic.label(LABEL, config)
 
 
 def make_train_step(model, tx, config, *, num_classes: int, axis_name: str | None = None,

@@ -32,7 +32,6 @@ meta gradient clipped per tensor at 10 (`meta.outer_clip`), the two updates summ
 from __future__ import annotations
 
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -55,11 +54,11 @@ def init_state(key, config, info):
 
 
 def make_step(config, info):
-  return episodic.make_step(sys.modules[__name__], config, info)
+  return episodic.make_step(make_train_step, config, info)
 
 
 def label(config, sources):
-  return episodic.label(sys.modules[__name__], config)
+  return episodic.label(LABEL, config)
 
 
 def perimeter_and_area(u, *, perimeter_scale: float = 1.0, eps: float = 1e-8):
