@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from medgen_jax import losses
@@ -233,8 +234,10 @@ def adapt_step(state: TrainState, batch, key, config, info):
 
 
 def phase(step, config):
-  """0 = source pre-training, 1 = adaptation, at (0-based) step `step`."""
-  return (jnp.asarray(step) >= config.adda.pretrain_steps).astype(jnp.int32)
+  """0 = source pre-training, 1 = adaptation, at (0-based) step `step` (a traced step inside a
+  step function; on the host a plain integer, computed with numpy: no device work)."""
+  xp = jnp if isinstance(step, jax.core.Tracer) else np
+  return (xp.asarray(step) >= config.adda.pretrain_steps).astype(xp.int32)
 
 
 def make_step(config, info):

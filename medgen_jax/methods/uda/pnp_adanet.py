@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from medgen_jax import losses
@@ -114,25 +115,28 @@ def validate(config) -> None:
 
 
 def schedule(step, *, pretrain_steps: int, warmup_steps: int, critic_steps: int, growth_every: int = 0):
-  """SOURCE / CRITIC / DAM for the 0-based trainer step(s) `step` (an int or an int array)."""
-  step = jnp.asarray(step, jnp.int32)
+  """SOURCE / CRITIC / DAM for the 0-based trainer step(s) `step` (an int or an int array; the
+  trainer calls it on the host every step, so concrete steps are computed with numpy: no device
+  work; a traced step inside a step function with jax.numpy)."""
+  xp = jnp if isinstance(step, jax.core.Tracer) else np
+  step = xp.asarray(step, xp.int32)
   t = step - (pretrain_steps + warmup_steps)          # position in the adversarial cycles
-  t_safe = jnp.maximum(t, 0)
+  t_safe = xp.maximum(t, 0)
   k = critic_steps
   if growth_every:
     g = growth_every
     # Block b = cycles [b·g, (b+1)·g), each of k + b + 1 steps; it starts at g·(b(k+1) + b(b−1)/2).
     start = lambda b: g * (b * (k + 1) + b * (b - 1) // 2)
-    root = (-(2 * k + 1) + jnp.sqrt(jnp.float32((2 * k + 1) ** 2) + 8.0 * t_safe.astype(jnp.float32) / g)) / 2
-    b = jnp.maximum(jnp.floor(root).astype(jnp.int32), 0)
-    b = jnp.where(start(b) > t_safe, b - 1, b)          # float rounding: fix by ±1
-    b = jnp.where(start(b + 1) <= t_safe, b + 1, b)
+    root = (-(2 * k + 1) + xp.sqrt(xp.float32((2 * k + 1) ** 2) + 8.0 * t_safe.astype(xp.float32) / g)) / 2
+    b = xp.maximum(xp.floor(root).astype(xp.int32), 0)
+    b = xp.where(start(b) > t_safe, b - 1, b)          # float rounding: fix by ±1
+    b = xp.where(start(b + 1) <= t_safe, b + 1, b)
     length = k + b + 1
     is_dam = (t_safe - start(b)) % length == length - 1
   else:
     is_dam = t_safe % (k + 1) == k
-  stage2 = jnp.where((t >= 0) & is_dam, DAM, CRITIC)
-  return jnp.where(step < pretrain_steps, SOURCE, stage2).astype(jnp.int32)
+  stage2 = xp.where((t >= 0) & is_dam, DAM, CRITIC)
+  return xp.where(step < pretrain_steps, SOURCE, stage2).astype(xp.int32)
 
 
 def schedule_of(config, step):
