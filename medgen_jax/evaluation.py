@@ -33,7 +33,7 @@ def evaluate_cases(predict_fn, variables, cases_by_site, *, normalizer, data_con
   for site, cases in cases_by_site.items():
     for case in cases:
       pred = predict_volume(predict_fn, variables, case.image, case.spacing, normalizer=normalizer,
-                            data_config=data_config, batch_size=batch_size)
+                            data_config=data_config, batch_size=batch_size, site=case.site)
       scores = metrics.score_volume(pred, case.label, num_classes=num_classes, spacing=case.spacing,
                                     distances=distances)
       records.append({"method": method, "site": site, "case": case.case_id,

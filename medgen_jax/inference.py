@@ -29,13 +29,14 @@ def slice_stack(volume: np.ndarray, context_slices: int) -> np.ndarray:
 
 
 def predict_volume(predict_fn, variables, image: np.ndarray, spacing, *, normalizer, data_config,
-                   batch_size: int) -> np.ndarray:
-  """Label map [X, Y, Z] (uint8) on the grid of `image` (RAS+, as loaded)."""
+                   batch_size: int, site: str | None = None) -> np.ndarray:
+  """Label map [X, Y, Z] (uint8) on the grid of `image` (RAS+, as loaded). `site`: the volume's
+  site, needed when the normalizer is per-site ('site_range'); ignored otherwise."""
   in_plane_spacing = tuple(data_config.in_plane_spacing) or None
   processed, _ = preprocess_case(image, np.zeros(image.shape, np.uint8), spacing,
                                  normalizer=normalizer, in_plane_shape=tuple(data_config.in_plane_shape),
                                  in_plane_spacing=in_plane_spacing,
-                                 bias_correction=data_config.bias_correction)
+                                 bias_correction=data_config.bias_correction, site=site)
   stack = slice_stack(processed, data_config.context_slices)
   depth = len(stack)
   padded = -(-depth // batch_size) * batch_size

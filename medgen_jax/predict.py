@@ -1,6 +1,7 @@
 """Segment NIfTI volumes with a trained run.
 
     python -m medgen_jax.predict --workdir RUN --input PATH --out DIR [--model NAME] [--channel K]
+                                 [--site SITE]
 
 Inputs (PATH): one `.nii`/`.nii.gz` file; or a folder of them (not recursive, hidden files
 skipped); or a site folder of the `sites` dataset layout: when the folder holds any
@@ -11,6 +12,10 @@ reports) restored by `evaluation.load_trained_models`, with the intensity normal
 the run's training cases (`RUN/normalizer.json`) and the run's preprocessing (`config.data`).
 A run of method `separate` has one model per source site (`separate_<site>`): choose one with
 `--model`. `--channel K` picks the volume K of 4-D inputs (default: the run's `data.channel`).
+`--site SITE`: the site (scanner / modality) every input comes from, required when the run's
+normalization is per-site (`site_range`: each site mapped with the intensity range fitted on
+that site's own training or unlabelled adaptation volumes) and one of the run's fitted sites;
+ignored by the other normalizations.
 
 Outputs: `DIR/<input name without .nii/.nii.gz>_seg.nii.gz` (e.g. `case0_image.nii.gz` ->
 `case0_image_seg.nii.gz`), uint8 label values 0..C-1 of the run's dataset (names in its
@@ -26,7 +31,8 @@ training and evaluation (`inference.predict_volume`), and the label map is flipp
 the stored orientation (`data.nifti.from_ras`).
 
 Errors (missing path, a non-NIfTI file, a 4-D image without a channel, a run folder without
-config.json or without a finished run, an unknown --model, an existing output) are one line on
+config.json or without a finished run, an unknown --model, a missing or unknown --site for a
+per-site normalization, an existing output) are one line on
 stderr naming the path or flag and the fix, exit status 2, before anything is written. A file
 that cannot be read while predicting is reported on one line, the others are still predicted,
 and the exit status is 1.
@@ -45,6 +51,7 @@ import nibabel as nib
 import numpy as np
 
 from medgen_jax.data.nifti import from_ras, load_nifti, strip_nifti_suffix, write_bytes_atomic
+from medgen_jax.data.normalize import Normalizer
 
 OUTPUT_SUFFIX = "_seg.nii.gz"
 
@@ -173,6 +180,33 @@ def load_run(workdir: Path):
   return loaded
 
 
+def stored_normalizer(workdir: Path) -> Normalizer | None:
+  """RUN/normalizer.json, read early (no JAX) to check --site; None if unreadable (load_run then
+  reports it with the fix)."""
+  try:
+    return Normalizer.from_dict(json.loads((workdir / "normalizer.json").read_text()))
+  except (OSError, ValueError, TypeError, AttributeError):
+    return None
+
+
+def check_site(normalizer: Normalizer, site: str | None) -> str | None:
+  """The site to normalize the inputs with: `site` for a per-site normalizer (UsageError naming
+  the fitted sites when it is missing or unknown), None for the others (which ignore it)."""
+  if not normalizer.per_site:
+    return None
+  fitted = sorted(normalizer.site_ranges or {})
+  if site is None:
+    raise UsageError(f"--site: the run's {normalizer.name!r} normalization maps each site with its own "
+                     f"intensity range (fitted sites: {fitted}) and no site was given. Fix: pass --site "
+                     "with the site the input volumes come from, one of " + ", ".join(fitted))
+  if site not in fitted:
+    raise UsageError(f"--site {site}: the run's {normalizer.name!r} normalization has no intensity range "
+                     f"for this site (fitted sites: {fitted}). Fix: use one of {', '.join(fitted)}; a new "
+                     "site's range must come from its own training or unlabelled volumes (retrain with "
+                     "it, or use a run with a per-volume normalization such as 'scaled')")
+  return site
+
+
 def choose_model(models, name: str | None):
   names = [m.name for m in models]
   if name is None:
@@ -197,11 +231,17 @@ def main(argv=None) -> int:
                       help="model name (e.g. separate_A); needed when the run has several")
   parser.add_argument("--channel", type=int, default=None,
                       help="volume of 4-D inputs (default: the run's data.channel)")
+  parser.add_argument("--site", default=None,
+                      help="site of the inputs; needed when the run's normalization is per-site "
+                           "(site_range), ignored otherwise")
   args = parser.parse_args(argv)
   workdir, out_dir = Path(args.workdir), Path(args.out)
   try:
     saved_channel = check_run(workdir)["data"]["channel"]
     channel = args.channel if args.channel is not None else (None if saved_channel < 0 else saved_channel)
+    early = stored_normalizer(workdir)
+    if early is not None:
+      check_site(early, args.site)  # before restoring the models (slow)
     inputs = find_inputs(Path(args.input), channel)
     if out_dir.exists() and not out_dir.is_dir():
       raise UsageError(f"--out {out_dir}: is a file, not a folder. Fix: give a folder (it is created)")
@@ -218,6 +258,7 @@ def main(argv=None) -> int:
     stored = [read_header(f, channel) for f in inputs]
     config, normalizer, models = load_run(workdir)
     trained = choose_model(models, args.model)
+    site = check_site(normalizer, args.site)
     try:
       out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -238,7 +279,7 @@ def main(argv=None) -> int:
       volume = load_nifti(image_path, channel=channel)
       labels = predict_volume(predict_fn, trained.variables, volume.data, volume.spacing,
                               normalizer=normalizer, data_config=config.data,
-                              batch_size=config.eval.batch_size)
+                              batch_size=config.eval.batch_size, site=site)
       if out_path.exists():  # appeared while predicting: still never overwritten
         raise UsageError(f"{out_path}: appeared while predicting; not overwritten. Fix: use another --out")
       save_labels(out_path, to_stored_grid(labels, volume.affine, header), header)

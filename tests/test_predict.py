@@ -14,6 +14,7 @@ import pytest
 
 from helpers import AFFINE, make_sites_dataset, tiny_config, write_nii
 from medgen_jax import evaluation, metrics, predict, train_lib
+from medgen_jax.data.normalize import make_normalizer
 from medgen_jax.inference import make_predict_fn, predict_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,3 +257,54 @@ def test_choose_model_by_name():
   with pytest.raises(predict.UsageError, match=r"--model deepall: the run has no such model. "
                                                r"Fix: use one of \['separate_A', 'separate_B'\]"):
     predict.choose_model(models, "deepall")
+
+
+@pytest.fixture(scope="module")
+def site_run(tmp_path_factory):
+  """A finished tiny DeepAll run normalized with `site_range` (per-site min/max -> [-1, 1]):
+  sources A, B; target C adapted to (its train+val images fit C's range), its test case scored."""
+  base = tmp_path_factory.mktemp("predict_site")
+  root = make_sites_dataset(base / "toy", sites=("A", "B", "C"), cases=3, seed=1)
+  workdir = base / "run"
+  train_lib.train_and_evaluate(tiny_config(root, **{"data.normalization.name": "site_range",
+                                                    "data.target_adaptation": True}), workdir)
+  return root, workdir
+
+
+def test_site_range_run_needs_site_and_predicts_as_its_evaluation(site_run, tmp_path, capsys, monkeypatch):
+  root, workdir = site_run
+  stored = json.loads((workdir / "normalizer.json").read_text())
+  assert stored["name"] == "site_range" and sorted(stored["site_ranges"]) == ["A", "B", "C"]
+  [case] = json.loads((workdir / "splits.json").read_text())["sites"]["C"]["test"]
+  image = root / "C" / f"{case}_image.nii.gz"
+  out = tmp_path / "out"
+  argv = ["--workdir", str(workdir), "--input", str(image), "--out", str(out)]
+  # Missing or unknown --site: one line naming the fitted sites, before anything is loaded or written.
+  for extra, start in (([], "error: --site: the run's 'site_range' normalization maps each site with its "
+                            "own intensity range (fitted sites: ['A', 'B', 'C']) and no site was given. "
+                            "Fix: pass --site with the site the input volumes come from, one of A, B, C\n"),
+                       (["--site", "Z"], "error: --site Z: the run's 'site_range' normalization has no "
+                                         "intensity range for this site (fitted sites: ['A', 'B', 'C']). "
+                                         "Fix: use one of A, B, C; ")):
+    assert predict.main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(start) and err.count("\n") == 1, err
+    assert not out.exists()
+  loaded = []
+  real = evaluation.load_trained_models
+  monkeypatch.setattr(evaluation, "load_trained_models", lambda w, **kw: loaded.append(real(w, **kw)) or loaded[-1])
+  assert predict.main(argv + ["--site", "C"]) == 0
+  labels = assert_same_grid(seg_of(out, image), image)
+  # The run's own evaluation of this target test case (normalized with C's range): same Dice.
+  reference = np.asarray(nib.load(str(root / "C" / f"{case}_label.nii.gz")).dataobj)
+  scores = metrics.score_volume(labels, reference, num_classes=4, spacing=(1.5, 1.5, 3.0))
+  assert scores["dice"] == record_of(workdir, "C", case)["dice"]
+  # Independent path: C's stored range applied by hand, then the identity normalizer.
+  config, _, [model] = loaded[0]
+  lo, hi = stored["site_ranges"]["C"]
+  x = np.asarray(nib.load(str(image)).dataobj).astype(np.float64)
+  mapped = (-1.0 + (np.clip(x, lo, hi) - lo) / (hi - lo) * 2.0).astype(np.float32)
+  expected = predict_volume(make_predict_fn(model.model), model.variables, mapped, (1.5, 1.5, 3.0),
+                            normalizer=make_normalizer("none"), data_config=config.data,
+                            batch_size=config.eval.batch_size)
+  np.testing.assert_array_equal(labels, expected)

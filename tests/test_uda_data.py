@@ -1,9 +1,11 @@
 """Unsupervised domain adaptation data: target split, label-free adaptation cache, source+target
 sampler, and the guarantee that no target label ever reaches a training batch."""
 
+import dataclasses
 import json
 
 import jax
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -230,3 +232,89 @@ def test_nested_source_target_batch_shards_balanced(devices):
     put = parallel.DataParallel(lambda s, b, k: (s, {}), num_devices=devices).put(batch)
     np.testing.assert_array_equal(np.asarray(put["target"]["domain"]), sharded["target"]["domain"])
     assert len(put["target"]["image"].sharding.device_set) == devices
+
+
+# --- site_range: per-site ranges fitted on each site's own training / adaptation images ----------
+
+
+def site_range_config(root, **changes):
+  config = uda_config(root, **changes)
+  config.normalization.name = "site_range"
+  return config
+
+
+def _disk_range(root, site, case_ids):
+  """min/max of the stored images (read with nibabel, independent of our loader)."""
+  values = [np.asarray(nib.load(str(root / site / f"{cid}_image.nii.gz")).dataobj) for cid in case_ids]
+  return float(min(v.min() for v in values)), float(max(v.max() for v in values))
+
+
+@pytest.fixture(scope="module")
+def site_range_data(root):
+  return prepare_data(site_range_config(root), progress=None)
+
+
+def test_site_range_fits_sources_on_train_and_targets_on_adapt_only(root, site_range_data):
+  data = site_range_data
+  splits = json.loads(json.dumps(data.splits))
+  ranges = data.normalizer.site_ranges
+  assert sorted(ranges) == sorted(SOURCES + TARGETS)
+  for site in SOURCES:
+    ids = splits[site]["train"]
+    assert sorted(data.protocol["train"][site]) == sorted(ids)
+    assert ranges[site] == pytest.approx(_disk_range(root, site, ids), abs=1e-4)
+  # The check can tell: with its val/test cases some source site's range would differ.
+  every = [f"case{j}" for j in range(5)]
+  assert any(ranges[s] != pytest.approx(_disk_range(root, s, every), abs=1e-4) for s in SOURCES)
+  for site in TARGETS:
+    ids = splits[site]["train"] + splits[site]["val"]
+    assert sorted(data.protocol["adapt"][site]) == sorted(ids)
+    assert ranges[site] == pytest.approx(_disk_range(root, site, ids), abs=1e-4)
+  for cache in (data.train, data.adapt):
+    for site, s in cache.sites.items():
+      assert s.images.min() >= -1.0 and s.images.max() <= 1.0, site
+      assert s.images.min() == -1.0  # each site's own minimum (kept by the crop, or the padding)
+
+
+def test_site_range_never_sees_target_test_volumes(root, site_range_data, monkeypatch):
+  """Rescaling the target TEST volumes (and the sources' val/test ones) changes nothing;
+  rescaling an adaptation volume does."""
+  data = site_range_data
+  test_keys = {f"{site}/{cid}" for site in TARGETS for cid in data.protocol["test"][site]}
+  test_keys |= {f"{site}/{cid}" for site in SOURCES for split in ("val", "test")
+                for cid in data.protocol[split][site]}
+  adapt_keys = {f"C/{data.protocol['adapt']['C'][0]}"}
+  real = pipeline.load_dataset
+
+  def changed(keys):
+    def load(*args, **kwargs):
+      info, by_site = real(*args, **kwargs)
+      return info, {site: [dataclasses.replace(c, image=c.image * 50.0 + 1e4) if c.key in keys else c
+                           for c in cases] for site, cases in by_site.items()}
+    return load
+
+  monkeypatch.setattr(pipeline, "load_dataset", changed(test_keys))
+  other = prepare_data(site_range_config(root), progress=None)
+  for split, site in (("test", "C"), ("test", "A"), ("val", "B")):  # the change did happen
+    assert other.cases[split][site][0].image.max() > 1e4 - 1000
+  assert other.normalizer == data.normalizer
+  for name in ("train", "adapt"):
+    for site, s in getattr(data, name).sites.items():
+      np.testing.assert_array_equal(getattr(other, name).sites[site].images, s.images)
+  monkeypatch.setattr(pipeline, "load_dataset", changed(adapt_keys))
+  moved = prepare_data(site_range_config(root), progress=None, build_train=False)
+  assert moved.normalizer.site_ranges["C"] != data.normalizer.site_ranges["C"]
+  assert {s: moved.normalizer.site_ranges[s] for s in "ABD"} == {
+      s: data.normalizer.site_ranges[s] for s in "ABD"}
+
+
+def test_site_range_refuses_held_out_sites_without_adaptation_data(root):
+  with pytest.raises(DataError, match=r"site_range.*held-out site\(s\) \['C', 'D'\] have none.*"
+                                      r"Fix: set data.target_adaptation=True.*'scaled'"):
+    prepare_data(site_range_config(root, target_adaptation=False), progress=None, build_train=False)
+  # Without held-out sites every site is fitted on its own training cases.
+  data = prepare_data(site_range_config(root, held_out=(), target_adaptation=False), progress=None,
+                      build_train=False)
+  for site in SOURCES + TARGETS:
+    assert data.normalizer.site_ranges[site] == pytest.approx(
+        _disk_range(root, site, data.splits[site]["train"]), abs=1e-4)

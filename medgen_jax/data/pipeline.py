@@ -8,7 +8,8 @@
    hold exactly the sites and cases listed in `run_dir/data_info.json` when the run started, else
    a DataError says what changed), else `split_file`, else makes one (`make_splits`);
 4. fits the normalizer on the *training cases of the source sites only* (histogram landmarks
-   never see a validation, test or held-out volume), or, when resuming, reads the run's
+   never see a validation, test or held-out volume; `site_range` also fits each target site's
+   own range on its unlabelled adaptation cases, see below), or, when resuming, reads the run's
    `run_dir/normalizer.json` instead of refitting;
 5. builds the training slice cache (unless `build_train=False`, for evaluation and prediction).
    Validation/test volumes stay whole for 3-D evaluation.
@@ -20,13 +21,19 @@ slice cache (`SiteSlices.labels is None`; no adaptation case's `label` is ever r
 target label can reach a training batch), drawn by `SourceTargetSampler`. Its slices are the
 'nonempty' ones (every slice whose image is not constant): `data.slices='foreground'` needs
 labels, so target slices are not restricted to the labelled structure's extent as source
-slices then are. Target volumes are normalized like every other volume, by the normalizer
-fitted on the source training cases only: `histogram` maps them onto the landmarks of the
-source training volumes (an intensity-histogram alignment that cannot give e.g. CT and MR
-intensities the same tissue meaning); `whitening` and `scaled` use each volume's own
-statistics (nothing fitted, so a target volume is normalized exactly as it would be as a
-source). Target labels are read from disk only by the validation in `load_dataset` and, for
-the target test cases, by evaluation; model selection on 'val' uses source cases only.
+slices then are. Target volumes are normalized like every other volume, by the one fitted
+normalizer: `histogram` maps them onto the landmarks of the source training volumes (fitted on
+those only: an intensity-histogram alignment that cannot give e.g. CT and MR intensities the
+same tissue meaning); `whitening` and `scaled` use each volume's own statistics (nothing
+fitted, so a target volume is normalized exactly as it would be as a source); `site_range`
+(SIFA's per-modality min/max -> [-1, 1]) maps each site with its own range, fitted on that
+site's volumes only: a source site's on its training cases, a target site's on its unlabelled
+adaptation cases (images only, never its test cases: changing a target test volume changes no
+fitted range). In domain generalization (`target_adaptation=False`) a held-out site has no such
+volumes, so `site_range` is refused at prepare time with a DataError (set
+`data.target_adaptation=True`, or use a per-volume normalization such as 'scaled'). Target
+labels are read from disk only by the validation in `load_dataset` and, for the target test
+cases, by evaluation; model selection on 'val' uses source cases only.
 
 Nothing here writes files: the trainer saves splits.json and normalizer.json once a run starts.
 """
@@ -71,7 +78,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       "name": "whitening", "foreground": "none",
       "clip_percentiles": ml_collections.FieldReference(None, field_type=tuple),
       "percentiles": ml_collections.FieldReference(None, field_type=tuple),
-      "standard_range": ml_collections.FieldReference(None, field_type=tuple)})
+      "standard_range": ml_collections.FieldReference(None, field_type=tuple),
+      "output_range": ml_collections.FieldReference(None, field_type=tuple)})  # site_range only
   c.in_plane_shape = (128, 128)
   c.in_plane_spacing = ()      # () = keep the data's spacing; e.g. (1.0, 1.0) to resample
   c.context_slices = 1         # odd k: k adjacent slices as channels (2.5-D)
@@ -117,7 +125,7 @@ def load_run_normalizer(path: Path, config_normalization: ml_collections.ConfigD
     raise DataError.single(path, f"is not a readable normalizer file ({type(e).__name__}: {e})",
                            "restore it from a backup, or train again in a new --workdir") from None
   expected = make_normalizer_from_config(config_normalization)
-  if dataclasses.replace(saved, landmarks=None) != expected:
+  if dataclasses.replace(saved, landmarks=None, site_ranges=None) != expected:
     raise DataError.single(path, f"holds {saved.name!r} normalization with other options than the "
                            f"config's data.normalization ({expected})",
                            "use the run's own config, or train again in a new --workdir")
@@ -198,12 +206,28 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
                                "give them more cases (>= 3 each), change data.split.test_fraction, "
                                "or set data.target_adaptation=False")
 
+  normalizer = make_normalizer_from_config(config.normalization)
+  fit_cases = {site: cases["train"][site] for site in sources}
+  if normalizer.per_site:
+    # Each site's own volumes: a source's training cases, a target's unlabelled adaptation cases
+    # (images only; never a test case). A held-out site without them cannot be normalized.
+    fit_cases.update({site: cases["adapt"][site] for site in held_out if cases["adapt"].get(site)})
+    unfitted = [s for s in held_out if s not in fit_cases]
+    if unfitted:
+      raise DataError.single(
+          f"data.normalization.name={normalizer.name!r}",
+          f"fits each site's intensity range on that site's own training volumes, but held-out "
+          f"site(s) {unfitted} have none (data.target_adaptation=False: every case of a held-out "
+          "site is a test case, and test volumes are never fitted on)",
+          "set data.target_adaptation=True (their train+val images become unlabelled adaptation "
+          "data the range is fitted on), or use a per-volume normalization such as 'scaled'")
   run_normalizer = Path(run_dir) / "normalizer.json" if run_dir is not None else None
   if run_normalizer is not None and run_normalizer.is_file():
     normalizer = load_run_normalizer(run_normalizer, config.normalization)
   else:
-    normalizer = make_normalizer_from_config(config.normalization).fit(
-        [c.image for site in sources for c in cases["train"][site]])
+    fit_pairs = [(site, c.image) for site, site_cases in fit_cases.items() for c in site_cases]
+    normalizer = normalizer.fit([image for _, image in fit_pairs],
+                                sites=[site for site, _ in fit_pairs])
   train = None
   if build_train:
     train = build_slice_cache(cases["train"], normalizer=normalizer,

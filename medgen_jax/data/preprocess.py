@@ -66,9 +66,11 @@ def context_offsets(context_slices: int) -> np.ndarray:
 def preprocess_case(image: np.ndarray, label: np.ndarray, spacing: Sequence[float], *,
                     normalizer, in_plane_shape: Sequence[int],
                     in_plane_spacing: Sequence[float] | None = None,
-                    bias_correction: str = "none") -> tuple[np.ndarray, np.ndarray]:
-  """Returns (image, label) on the training grid: [H, W, Z] float32 and uint8."""
-  image = normalizer(correct_bias_field(image, method=bias_correction))
+                    bias_correction: str = "none",
+                    site: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (image, label) on the training grid: [H, W, Z] float32 and uint8. `site`: the
+  volume's site, passed to the normalizer (needed by per-site ones such as 'site_range')."""
+  image = normalizer(correct_bias_field(image, method=bias_correction), site=site)
   if in_plane_spacing:
     image = resample_inplane(image, spacing, in_plane_spacing, order=1)
     label = resample_inplane(label, spacing, in_plane_spacing, order=0)

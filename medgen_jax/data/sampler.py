@@ -84,7 +84,8 @@ def build_slice_cache(cases_by_site: Mapping[str, Sequence], *, normalizer, in_p
                       domain_ids: Mapping[str, int], in_plane_spacing=None, context_slices: int = 1,
                       cache_dtype: str = "float32", slices: str = "foreground",
                       bias_correction: str = "none", labelled: bool = True) -> SliceCache:
-  """Preprocesses every case once (see preprocess.preprocess_case) and stacks its axial slices.
+  """Preprocesses every case once (see preprocess.preprocess_case, with the case's site, the key
+  it is listed under, for per-site normalizers) and stacks its axial slices.
 
   `slices='foreground'` draws only slices holding some label > 0 (the prostate code samples
   within the gland's extent); 'all' draws every slice. Context neighbours may be any slice.
@@ -113,7 +114,7 @@ def build_slice_cache(cases_by_site: Mapping[str, Sequence], *, normalizer, in_p
       label_in = case.label if labelled else np.broadcast_to(np.uint8(0), np.shape(case.image))
       image, label = preprocess_case(case.image, label_in, case.spacing, normalizer=normalizer,
                                      in_plane_shape=in_plane_shape, in_plane_spacing=in_plane_spacing,
-                                     bias_correction=bias_correction)
+                                     bias_correction=bias_correction, site=site)
       depth = image.shape[2]
       images.append(np.moveaxis(image, 2, 0).astype(cache_dtype))
       if labelled:
