@@ -10,6 +10,15 @@ timed on brain-sites with A as the labelled source and D as the unlabelled targe
 pre-training, adaptation; PnP-AdaNet: source, critic, DAM) get one line per phase after the
 first (`adda[1]`, `pnp_adanet[1]`, `pnp_adanet[2]`): the first phase is the source-only step.
 
+With --methods cyclegan,sifa (and seuda, cycada: their translation phase) the image-level steps
+are timed the same way; `--gan-size full` gives SIFA's released network sizes (generator 32
+features / 9 blocks, PatchGAN 64, encoder 16-..-512, decoder 32 / 4 blocks), `quick` the CPU
+`:quick` sizes (8 / 3 blocks, 16, 4-..-128, 8 / 2 blocks). A SIFA line gains
+`ratio_to_cyclegan` (one SIFA iteration = its seven updates, vs one CycleGAN step of the same
+generator/discriminator sizes). GPU command (batch 8 + 8 of 256², both dtypes):
+    python benchmarks/train_step.py --methods source_only,cyclegan,sifa --configs 8x256 \
+        --dtypes float32,bfloat16 --variants fast --gan-size full --data-root data/brain-sites
+
 With --methods, the meta-learning steps (MLDG, MASF, SAML; second order and, as order 1,
 first order) are timed on the same total batch as DeepAll (meta-train 2 domains + meta-test 1,
 batch/3 slices each), and each line gains `order` and `ratio_to_deepall` (same variant/size).
@@ -42,12 +51,13 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 
 from medgen_jax import methods, parallel, train_lib  # noqa: E402
-from medgen_jax.config import base_config  # noqa: E402
+from medgen_jax.config import base_config, image_translation  # noqa: E402
 from medgen_jax.methods.base import Phases  # noqa: E402
 from medgen_jax.data.pipeline import prepare_data  # noqa: E402
 
 
-PHASES = {"adda": 2, "pnp_adanet": 3}   # methods whose step is methods/base.Phases: how many
+PHASES = {"adda": 2, "pnp_adanet": 3, "seuda": 2, "cycada": 2}   # methods whose step is methods/base.Phases: how many
+TRANSLATION = ("cyclegan", "seuda", "cycada", "sifa")   # images in [-1, 1]; networks sized by --gan-size
 
 
 def peak_memory_mb() -> float:
@@ -63,8 +73,14 @@ def block(tree):
 
 
 def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, steps: int, repeats: int,
-            method: str = "deepall", first_order: bool = False, phase: int | None = None):
+            method: str = "deepall", first_order: bool = False, phase: int | None = None,
+            gan_size: str = "quick"):
   config = base_config()
+  if method in TRANSLATION:
+    config.data.normalization.name = "site_range"
+    if gan_size == "quick":
+      config = image_translation(config, "quick")
+      config.sifa.encoder_features, config.sifa.decoder_features, config.sifa.decoder_blocks = 4, 8, 2
   config.method = method
   config.meta.first_order = first_order
   config.data.root = data_root
@@ -140,12 +156,14 @@ def main() -> int:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--data-root", default="data/brain-sites")
+  parser.add_argument("--gan-size", default="quick", choices=("quick", "full"),
+                      help="translation networks: SIFA's released sizes or the CPU :quick sizes")
   args = parser.parse_args()
   for spec in args.configs.split(","):
     batch, size = (int(v) for v in spec.split("x"))
     for dtype in args.dtypes.split(","):
       for variant in args.variants.split(","):
-        deepall_ms = source_only_ms = None
+        deepall_ms = source_only_ms = cyclegan_ms = None
         for method in args.methods.split(","):
           kind = methods.get(method).SAMPLER
           orders = [int(o) for o in args.orders.split(",")] if kind == "episodic" else [2]
@@ -155,13 +173,19 @@ def main() -> int:
           for order, phase in runs:
             r = measure(batch, size, dtype, variant == "fast", data_root=args.data_root,
                         steps=args.steps, repeats=args.repeats, method=method, first_order=order == 1,
-                        phase=phase)
+                        phase=phase, gan_size=args.gan_size)
+            if method in TRANSLATION:
+              r["gan_size"] = args.gan_size
             if phase is not None:
               r["name"] = f"{method}[{phase}]"
             if method == "deepall":
               deepall_ms = r["step_ms"]
             elif method == "source_only":
               source_only_ms = r["step_ms"]
+            if method == "cyclegan":
+              cyclegan_ms = r["step_ms"]
+            elif method == "sifa" and cyclegan_ms:
+              r["ratio_to_cyclegan"] = round(r["step_ms"] / cyclegan_ms, 2)
             elif methods.get(method).SAMPLER == "source_target" and source_only_ms:
               r["ratio_to_source_only"] = round(r["step_ms"] / source_only_ms, 2)
             elif deepall_ms:
@@ -173,6 +197,8 @@ def main() -> int:
               ratio = f"  {r['ratio_to_deepall']:.2f}x DeepAll" if "ratio_to_deepall" in r else ""
               if "ratio_to_source_only" in r:
                 ratio = f"  {r['ratio_to_source_only']:.2f}x source only"
+              if "ratio_to_cyclegan" in r:
+                ratio += f"  {r['ratio_to_cyclegan']:.2f}x CycleGAN"
               print(f"{label:14s} {r['variant']:5s} batch {batch:3d} {size}x{size} {dtype:8s}: "
                     f"{r['step_ms']:8.1f} ms/step {r['slices_per_s']:8.1f} slices/s  compile {r['compile_s']:5.1f} s  "
                     f"peak {r['peak_mem_mb']:.0f} MB  data wait {100 * r['data_wait_fraction']:.1f} %{ratio}",

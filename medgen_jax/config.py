@@ -111,6 +111,31 @@ def base_config() -> ml_collections.ConfigDict:
       "rmsprop_initial_scale": 1.0,  # RMSProp's mean square starts here: 1 = TF1 (released), 0 = optax/PyTorch
       "critic_features": 32, "critic_layers": 3,
       "mask_critic_features": 16})   # the mask critic (on the softmax) has critic_layers layers too
+  # Image translation (methods/uda/translation.py): cyclegan, seuda, cycada, sifa. Images must
+  # lie in [-1, 1]: data.normalization.name='site_range'.
+  c.gan = ml_collections.ConfigDict({
+      "gen_features": 32, "gen_blocks": 9,   # ResNet generator (SIFA's g_A: ngf 32, 9 blocks)
+      "skip": True,               # tanh(x + out): the generator learns a residual on its input (SIFA)
+      "disc_features": 64, "disc_layers": 3, "disc_pad": 2,   # PatchGAN 70x70 (SIFA: 35x35 map at 256^2)
+      "learning_rate": 2e-4, "b1": 0.5,      # Adam of every generator/discriminator
+      "cycle_weight": 10.0, "identity_weight": 0.0,
+      "pool_size": 50})           # image pool of generated batches (0 = off)
+  c.seuda = ml_collections.ConfigDict({
+      "pretrain_steps": 1000,     # the source segmenter first; then the translation, segmenter frozen
+      "semantic_weight": 0.5,     # λ_sem of the mask discriminator's generator term (unverified)
+      "mask_disc_features": 64})
+  c.cycada = ml_collections.ConfigDict({
+      "pretrain_steps": 1000,     # the source segmenter f_S first; then translation + the task model
+      "semantic_weight": 1.0,     # semantic consistency CE(f_S(G(x)), argmax f_S(x)), both directions
+      "feature_weight": 0.1,      # feature-level GAN on the task model's block `feature_level` (0 = off)
+      "feature_level": "bottleneck", "disc_features": 32, "disc_layers": 3, "disc_lr": 2e-4})
+  c.sifa = ml_collections.ConfigDict({
+      "deep_supervision": True,   # TMI: s_B_ll + d_P_ll on latent_ll; False = SIFA-v1 (AAAI)
+      "encoder_features": 16, "decoder_features": 32, "decoder_blocks": 4, "dropout": 0.0,
+      "ll_seg_weight": 0.1, "gen_b_weight": 0.1, "aux_weight": 0.1,
+      "mask_weight": 0.1, "mask_ll_weight": 0.01,
+      # SIFA-v1's w_P: 0 before step mask_ramp_start, linear to mask_weight at mask_ramp_end (0, 0 = constant)
+      "mask_ramp_start": 0, "mask_ramp_end": 0})
   return c
 
 
@@ -184,6 +209,19 @@ def uda_benchmark(config: ml_collections.ConfigDict, arg: str | None, *, method:
   config.optimizer.schedule = "cosine"
   config.log_every = 50 if quick else 200
   config.eval_every = config.checkpoint.every = config.num_steps if quick else 2000
+  return config
+
+
+def image_translation(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """What the translation configs (configs/uda/{cyclegan,seuda,cycada,sifa,sifa_v1}.py) add to
+  `uda_benchmark`: each modality's training-data range mapped to [-1, 1] (the generators end in
+  tanh; SIFA's mapping) and, for `quick`, CPU-sized translation networks (ResNet generator 8
+  features / 3 blocks, PatchGAN 16 features); full size keeps SIFA's (32 / 9 blocks, 64)."""
+  config.data.normalization.name = "site_range"
+  if arg and arg.endswith("quick"):
+    config.gan.gen_features = 8
+    config.gan.gen_blocks = 3
+    config.gan.disc_features = 16
   return config
 
 

@@ -60,10 +60,19 @@ def _flatten(d, prefix=""):
 
 def config_differences(saved: dict, current: dict) -> list[str]:
   """Dotted keys whose values differ between two config payloads (JSON dicts), ignoring the
-  keys a run may change when it resumes (RESUMABLE_KEYS)."""
+  keys a run may change when it resumes (RESUMABLE_KEYS) and the keys added to the base config
+  after the run was saved (absent from `saved`) that still hold their default value: a new
+  option at its default is what the older code did, so the run stays the same run."""
   saved, current = _flatten(saved), _flatten(current)
-  return sorted(k for k in set(saved) | set(current)
-                if saved.get(k) != current.get(k) and k not in RESUMABLE_KEYS)
+  defaults = _flatten(json.loads(config_lib.base_config().to_json()))
+  missing = object()
+
+  def differs(k):
+    if k not in saved and k in defaults and current.get(k, missing) == defaults[k]:
+      return False
+    return saved.get(k) != current.get(k)
+
+  return sorted(k for k in set(saved) | set(current) if differs(k) and k not in RESUMABLE_KEYS)
 
 
 def check_config(config, workdir: Path) -> None:

@@ -202,6 +202,9 @@ def train_one(config, data: PreparedData, *, name: str, sources: list[str], work
                                          workdir=workdir)
   finally:
     ckpts.close()
+  module = methods.get(config.method)
+  if hasattr(module, "write_figures") and parallel.is_main_process():
+    module.write_figures(config, data, jax.device_get(final_state), workdir / name)
   return trained_model(config, data.num_classes, final_state, name=name, sources=sources, step=step)
 
 

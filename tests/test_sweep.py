@@ -274,3 +274,26 @@ def test_bad_set_is_one_line_and_exit_2_before_training(tmp_path, tiny_setup, mo
   err = capsys.readouterr().err
   assert err.startswith(message) and err.count("\n") == 1, err
   assert not (tmp_path / "s").exists()
+
+
+def test_config_keys_added_after_a_run_count_as_equal_only_at_their_default():
+  """A run saved before a config block existed (here: `gan`, `sifa`) is the same run when the new
+  keys hold their defaults; a new key set to anything else, or a saved key that changed, differs."""
+  import json
+  from medgen_jax import runs
+  from medgen_jax.config import base_config
+
+  current = json.loads(base_config().to_json())
+  saved = json.loads(base_config().to_json())
+  del saved["gan"], saved["sifa"]
+  del saved["data"]["normalization"]["output_range"]
+  assert runs.config_differences(saved, current) == []
+  current["gan"]["pool_size"] = 7
+  assert runs.config_differences(saved, current) == ["gan.pool_size"]
+  current["gan"]["pool_size"] = base_config().gan.pool_size
+  saved["num_steps"] = 5
+  assert runs.config_differences(saved, current) == ["num_steps"]
+  # A key present in the saved run and absent now still differs (an option was removed).
+  saved["num_steps"] = current["num_steps"]
+  saved["removed_option"] = 1
+  assert runs.config_differences(saved, current) == ["removed_option"]

@@ -5,7 +5,8 @@
 * `metric_learning`  semi-hard triplet and contrastive losses, pairwise distances (MASF, SAML).
 * `distillation`     class-wise mean logits and global class alignment / KD (MASF, UMMKD).
 * `adversarial`      gradient reversal + DANN schedule, LSGAN, non-saturating GAN, WGAN with
-                     weight clipping, cycle consistency (DANN, ADDA, PnP-AdaNet, SIFA, SeUDA).
+                     weight clipping, cycle and semantic consistency (DANN, ADDA, PnP-AdaNet, CycleGAN,
+                     SeUDA, CyCADA, SIFA).
 
 Every name is re-exported here, so `from medgen_jax import losses; losses.segmentation_loss(...)`
 works as it did when this package was a single module.
@@ -19,8 +20,8 @@ import jax.numpy as jnp  # noqa: F401
 from medgen_jax.losses.adversarial import (apply_updates_and_clip, clip_weights, cycle_loss,
                                            dann_lambda, gan_discriminator_loss, gan_generator_loss,
                                            gradient_reversal, lsgan_discriminator_loss,
-                                           lsgan_generator_loss, wgan_critic_loss,
-                                           wgan_generator_loss)
+                                           lsgan_generator_loss, semantic_consistency_loss,
+                                           wgan_critic_loss, wgan_generator_loss)
 from medgen_jax.losses.distillation import class_alignment_loss, classwise_mean_logits
 from medgen_jax.losses.metric_learning import (contrastive_loss, pairwise_distances,
                                                semi_hard_triplet_loss)
@@ -39,5 +40,5 @@ __all__ = [
     # adversarial
     "gradient_reversal", "dann_lambda", "lsgan_generator_loss", "lsgan_discriminator_loss",
     "gan_generator_loss", "gan_discriminator_loss", "wgan_critic_loss", "wgan_generator_loss",
-    "clip_weights", "apply_updates_and_clip", "cycle_loss",
+    "clip_weights", "apply_updates_and_clip", "cycle_loss", "semantic_consistency_loss",
 ]

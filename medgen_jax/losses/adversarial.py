@@ -29,6 +29,8 @@ mapped onto (SIFA: real images of the other domain; PnP-AdaNet: source = MR feat
   c = 0.01). `apply_updates_and_clip` = optax.apply_updates followed by clip_weights.
 * Cycle consistency (Zhu et al., ICCV 2017, eq. 2; SIFA λ = 10):
     L_cyc = λ · mean |x − F(G(x))|.
+* Semantic consistency (CyCADA, Hoffman et al., ICML 2018, eq. 5):
+    L_sem = mean_pixels −log softmax(f_S(G(x)))[argmax f_S(x)].
 
 Losses are computed in float32 at least (bfloat16 inputs are promoted, float64 stays float64).
 """
@@ -162,3 +164,16 @@ def apply_updates_and_clip(params, updates, clip: float, *, names: Sequence[str]
 def cycle_loss(x, x_rec, *, weight: float = 10.0):
   """weight · mean |x − x_rec| (CycleGAN eq. 2; SIFA: λ_A = λ_B = 10, methods.md §1.3)."""
   return weight * jnp.mean(jnp.abs(_f32(x) - _f32(x_rec)))
+
+
+# --- Semantic consistency (CyCADA) ---------------------------------------------------------------
+
+
+def semantic_consistency_loss(logits, labels):
+  """mean over pixels of −log softmax(logits)[label]: CyCADA's semantic consistency (Hoffman et
+  al., ICML 2018, eq. 5), where `logits` = f_S(G(x)) (the frozen source model on the translated
+  image) and `labels` = argmax f_S(x) (its labels on the original image; integer, no gradient).
+  Unweighted and unclipped, unlike the class-balanced task CE."""
+  logp = jax.nn.log_softmax(_f32(logits), axis=-1)
+  picked = jnp.take_along_axis(logp, jnp.asarray(labels)[..., None].astype(jnp.int32), axis=-1)
+  return -jnp.mean(picked)

@@ -11,6 +11,7 @@ from medgen_jax.methods import deepall, masf, mldg, saml
 from medgen_jax.methods.uda import dann, source_only, supervised_target
 from medgen_jax.methods.uda import adaoutput
 from medgen_jax.methods.uda import adda, pnp_adanet
+from medgen_jax.methods.uda import cycada, cyclegan, seuda, sifa
 
 MODULES = {
     # supervised and domain generalization
@@ -19,6 +20,7 @@ MODULES = {
     "source_only": source_only, "dann": dann, "supervised_target": supervised_target,
     "adaoutput": adaoutput,
     "adda": adda, "pnp_adanet": pnp_adanet,
+    "cyclegan": cyclegan, "seuda": seuda, "cycada": cycada, "sifa": sifa,
 }
 
 

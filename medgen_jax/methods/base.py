@@ -23,7 +23,9 @@ A method module (`medgen_jax/methods/*.py`, registered in `methods/__init__.py`)
 
 and optionally `label(config, sources)` (a richer table name), `model_runs(config, sources)`
 (the models one run trains: [(name, sources)], default one model on all sources; Separate
-trains one per site) and `validate(config)` (method-specific config checks, one clear error).
+trains one per site), `validate(config)` (method-specific config checks, one clear error) and
+`write_figures(config, data, state, out_dir)` (figures drawn from a trained model's selected
+state, e.g. the translation methods' previews; the trainer calls it once per model, process 0).
 
 A checkpoint is the whole TrainState (every network and optimizer), so a resume is exact for
 any method. The helpers below are the shared tail of a step: device averaging, one network's

@@ -1,0 +1,36 @@
+"""SIFA-v1 (Chen et al., AAAI 2019; cchen-cc/SIFA branch SIFA-v1): SIFA without deep supervision
+(no s_B_ll / d_P_ll), 3 adjacent slices as input, dropout 0.25 (keep 0.75), the mask-GAN weight
+w_P ramped from 0 to 0.1 (the release: epochs 5 -> 7), the segmenter's Adam 1e-3 x 0.9 every 2
+epochs. Everything else as configs/uda/sifa.py (which documents sizes and commands).
+
+    python -m medgen_jax.train --config configs/uda/sifa_v1.py:quick --workdir runs/sifa_v1_mr2ct_quick
+
+Epochs are counted in steps here: the full-size ramp runs over steps 5k -> 7k of 20k (the
+release's 20 epochs), the decay every 2k steps. `:quick`: ramp over 25 % -> 35 % of the run.
+The table row is labelled "SIFA w/o deep supervision".
+
+Numbers: see the README's cross-modality table (2 seeds, `sweep --uda`).
+"""
+
+import importlib.util
+import pathlib
+
+_spec = importlib.util.spec_from_file_location("sifa_config", pathlib.Path(__file__).with_name("sifa.py"))
+sifa_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sifa_config)
+
+QUICK_STEPS = sifa_config.QUICK_STEPS
+
+
+def get_config(arg=None):
+  config = sifa_config.get_config(arg)
+  config.sifa.deep_supervision = False
+  config.sifa.dropout = 0.25
+  config.data.context_slices = 3
+  steps = config.num_steps
+  config.sifa.mask_ramp_start, config.sifa.mask_ramp_end = steps // 4, steps * 35 // 100
+  if not (arg and arg.endswith("quick")):
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.schedule = "exponential"
+    config.optimizer.decay_rate, config.optimizer.decay_steps = 0.9, 2000
+  return config
