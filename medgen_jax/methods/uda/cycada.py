@@ -136,7 +136,7 @@ def adapt_step(state: TrainState, batch, key, config, info):
   new, seg_metrics = segmenter_step(new, fake_t, batch["source"]["label"], seg_key, config, info,
                                     extra=feature_gan if c.feature_weight > 0 else None)
   metrics = dict(metrics, **seg_metrics)
-  return flag_non_finite(state, new, cyclegan.gan_checked(metrics)), metrics
+  return flag_non_finite(state, new, cyclegan.gan_checked(metrics, new)), metrics
 
 
 def task_tx(config):

@@ -33,7 +33,7 @@ import optax
 
 from medgen_jax import losses
 from medgen_jax.methods import deepall
-from medgen_jax.methods.base import device_mean, flag_non_finite, fold_device, update_net
+from medgen_jax.methods.base import device_mean, flag_non_finite, fold_device, state_norms, update_net
 from medgen_jax.methods.uda import common, previews, translation
 from medgen_jax.train_state import TrainState, make_optimizer
 
@@ -171,8 +171,11 @@ def translation_updates(state, batch, key, config, info, *, extra_loss=None):
   return new, dict(metrics, **m_t, **m_s), fake_t
 
 
-def gan_checked(metrics) -> list:
-  return [v for k, v in metrics.items() if k.startswith("loss_") or k.endswith("grad_norm")]
+def gan_checked(metrics, new: TrainState) -> list:
+  """What the divergence flag checks after a whole step: every loss and gradient norm, and the
+  norms of every network's new parameters and statistics (the step's last flag_non_finite call
+  decides the flag, so it must see all of them)."""
+  return [v for k, v in metrics.items() if k.startswith("loss") or k.endswith("grad_norm")] + state_norms(new)
 
 
 def make_step(config, info):
@@ -182,7 +185,7 @@ def make_step(config, info):
     new, seg_metrics = segmenter_update(new, jax.lax.stop_gradient(fake_t), batch["source"]["label"], seg_key,
                                         config, info)
     metrics = dict(metrics, **seg_metrics)
-    return flag_non_finite(state, new, gan_checked(metrics)), metrics
+    return flag_non_finite(state, new, gan_checked(metrics, new)), metrics
 
   return step
 

@@ -126,7 +126,7 @@ def adapt_step(state: TrainState, batch, key, config, info):
   nets = dict(new.nets, d_mask=update_net(new.nets["d_mask"], translation.gan_adam(config), grads))
   new = new.replace(nets=nets, step=state.step + 1)
   metrics["loss"] = metrics["loss_gen"]
-  return flag_non_finite(state, new, cyclegan.gan_checked(metrics)), metrics
+  return flag_non_finite(state, new, cyclegan.gan_checked(metrics, new)), metrics
 
 
 def phase(step, config):

@@ -17,7 +17,7 @@ fake_B); pred_fB = s_B(z_fB), pred_fB_ll = s_B_ll(z_fB_ll); cyc_B = g_A(fake_A).
 Losses (main.py::compute_losses, TMI), LSG/LSD = LSGAN (losses/adversarial.py), cyc = 10·L1:
   G_A  (g_A)             cyc_A + cyc_B + LSG(d_B(fake_B))
   D_B  (d_B)             LSD(d_B(x_B), d_B(pool_B))
-  Seg  (e_B, s_B, s_B_ll) WCE + Dice(pred_fB, y_A) + 1e-4·Σ½‖W‖²
+  Seg  (e_B, s_B, s_B_ll) WCE + Dice(pred_fB, y_A) + 1e-4·Σ½‖w‖² (every parameter, BN γ/β too)
                          + 0.1·[WCE + Dice](pred_fB_ll, y_A)                (`sifa.ll_seg_weight`)
                          + 0.1·G_B loss                                     (`sifa.gen_b_weight`)
                          + 0.1·LSG(d_P(pred_B)) + 0.01·LSG(d_P_ll(pred_B_ll))  (`mask_weight`, `mask_ll_weight`)
@@ -63,7 +63,7 @@ import optax
 
 from medgen_jax import losses
 from medgen_jax.methods import deepall
-from medgen_jax.methods.base import device_mean, flag_non_finite, fold_device, init_net, update_net
+from medgen_jax.methods.base import device_mean, flag_non_finite, fold_device, init_net, state_norms, update_net
 from medgen_jax.methods.uda import common, previews, translation
 from medgen_jax.models.gan import PatchGAN
 from medgen_jax.models.sifa import SIFADecoder, SIFASegmenter
@@ -246,6 +246,13 @@ def d_B_update(state, batch, fake_B, key, config, info):
   return state, {"loss_d_B": device_mean(loss, info.axis_name)}
 
 
+def l2_all(params, *, coefficient: float):
+  """coefficient · Σ w²/2 over EVERY parameter of e_B, s_B, s_B_ll: the release sums tf.nn.l2_loss
+  over all their trainable variables (main.py: `'/e_B/' in v.name or ...`), the BatchNorm γ and β
+  included, not only the kernels (methods.md §1.7 says kernels: the code wins)."""
+  return coefficient * sum(jnp.sum(jnp.square(w.astype(jnp.float32))) for w in jax.tree.leaves(params)) / 2.0
+
+
 def seg_update(state, batch, key, config, info):
   """3. Seg: the segmenter (e_B, s_B, s_B_ll) on the seg loss of the module docstring (config.optimizer)."""
   c = config.sifa
@@ -264,7 +271,7 @@ def seg_update(state, batch, key, config, info):
   def objective(params):
     out, stats = graph.forward(state, batch, key, seg=params)
     seg, metrics = seg_terms(out["pred_fB"])
-    l2 = losses.l2_kernel_loss(params, coefficient=config.loss.weight_decay)
+    l2 = l2_all(params, coefficient=config.loss.weight_decay)
     d_A_fake = graph.d("d_A", nets["d_A"].params, out["fake_A"])
     g_B = graph.cycles(batch, out) + losses.lsgan_generator_loss(d_A_fake[..., 0])
     mask = losses.lsgan_generator_loss(graph.d("d_P", nets["d_P"].params, out["pred_B"]))
@@ -352,7 +359,7 @@ def iteration(state: TrainState, batch, key, config, info):
   new = new.replace(step=state.step + 1)
   metrics = {**m1, **m2, **m3, **m4, **m5, **m6, "mask_weight": mask_weight_at(config, state.step)}
   checked = [v for k, v in metrics.items() if k.startswith("loss") or k.endswith("grad_norm")]
-  return flag_non_finite(state, new, checked), metrics
+  return flag_non_finite(state, new, checked + state_norms(new)), metrics
 
 
 def make_step(config, info):
