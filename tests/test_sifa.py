@@ -540,7 +540,7 @@ def test_shipped_configs_validate_and_carry_the_released_hyper_parameters(name):
     assert (o.name, o.learning_rate, o.b1, o.schedule, o.decay_rate, o.decay_steps) == (
         "adam", 1e-3, 0.9, "exponential", 0.9, 2000)
     assert s.dropout == 0.25 and full.data.context_slices == 3
-    assert (s.mask_ramp_start, s.mask_ramp_end) == (5000, 7000)
+    assert (s.mask_ramp_start, s.mask_ramp_end) == (4000, 7000)
 
 
 # --- 10. Evaluation -------------------------------------------------------------------------------

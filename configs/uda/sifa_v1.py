@@ -5,8 +5,10 @@ epochs. Everything else as configs/uda/sifa.py (which documents sizes and comman
 
     python -m medgen_jax.train --config configs/uda/sifa_v1.py:quick --workdir runs/sifa_v1_mr2ct_quick
 
-Epochs are counted in steps here: the full-size ramp runs over steps 5k -> 7k of 20k (the
-release's 20 epochs), the decay every 2k steps. `:quick`: ramp over 25 % -> 35 % of the run.
+Epochs are counted in steps here, assuming 1000 iterations per epoch (the release's epoch is
+max(#source, #target slices) / 8 iterations, data-dependent): the ramp runs linearly over steps
+4k -> 7k of 20k (the release's staircase 0.1*(epoch - 4)/3: 0 before epoch 5, 1/30 and 2/30 in
+epochs 5 and 6, 0.1 from 7), the decay every 2k steps. `:quick`: ramp over 20 % -> 35 % of the run.
 The table row is labelled "SIFA w/o deep supervision".
 
 Numbers: see the README's cross-modality table (2 seeds, `sweep --uda`).
@@ -28,7 +30,7 @@ def get_config(arg=None):
   config.sifa.dropout = 0.25
   config.data.context_slices = 3
   steps = config.num_steps
-  config.sifa.mask_ramp_start, config.sifa.mask_ramp_end = steps // 4, steps * 35 // 100
+  config.sifa.mask_ramp_start, config.sifa.mask_ramp_end = steps // 5, steps * 35 // 100
   if not (arg and arg.endswith("quick")):
     config.optimizer.learning_rate = 1e-3
     config.optimizer.schedule = "exponential"

@@ -18,6 +18,10 @@ terms updated in this order):
    pixel-level CyCADA only).
 The translated images in 3 and 4 are update 1's (pre-update generators, gradient stopped).
 
+The semantic loss is the paper's eq. 5 (argmax f_S on both directions). The release
+(jhoffman/cycada_release, cycle_gan_semantic_model.py) differs: its S→T term uses the source
+ground truth y_s, its G_A loss is weighted ×2, and its labelling network is trained jointly
+(semantic loss off while that network's loss is > 1). Not reproduced.
 Differences from the paper, on purpose: LSGAN (SIFA's translation networks) instead of the
 paper's standard GAN for the image discriminators; U-Net f_S/f_T (the paper: FCN8s/DRN); the
 feature GAN reads a U-Net block, and the translation and the task model train together in one

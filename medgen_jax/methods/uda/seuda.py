@@ -12,8 +12,10 @@ No official code exists (methods.md §3.3). What the paper states, implemented h
    LSD(D_m(softmax f_S(x_s)), D_m(softmax f_S(G_ts(x_t))));
 3. at test time every target image is translated to the source appearance and segmented by
    the frozen f_S: the evaluated network is f_S ∘ G_ts ("no new model per target dataset").
-Per phase-1 step: generators (LSGAN + λ_cyc cycle + λ_sem mask term), D_t, D_s (image pools),
-then D_m, on one batch.
+Per phase-1 step: generators (LSGAN + λ_cyc cycle + λ_sem mask term), D_t, D_s (image pools,
+the generators' pre-update fakes as CycleGAN), then D_m on a fresh translation by the UPDATED
+G_ts (no pool), on one batch. `nets['source']` (the two-phase helper's frozen copy) is unused:
+f_S is the top-level segmenter, frozen in phase 1.
 
 Unverified (no code): the loss weights. λ_cyc = `gan.cycle_weight` = 10 (CycleGAN) and λ_sem =
 `seuda.semantic_weight` = 0.5 follow a third-party PyTorch re-implementation (which also halves

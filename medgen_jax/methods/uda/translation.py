@@ -4,18 +4,20 @@ Networks (config.gan, models/gan.py): ResNet generators (CycleGAN / SIFA's g_A: 
 `gen_blocks`, zero padding and tanh(x + out) as SIFA with `skip`), 70×70 PatchGAN
 discriminators (`disc_features`, `disc_layers`, `disc_pad` 2 = SIFA's 35×35 map at 256²),
 instance norm; every GAN network has its own Adam(`gan.learning_rate` 2e-4, b1 `gan.b1` 0.5),
-as CycleGAN and SIFA. Images must lie in [−1, 1] (the generators end in tanh):
+constant as SIFA's (CycleGAN decays it linearly to 0 over the second half: not reproduced). Images must lie in [−1, 1] (the generators end in tanh):
 `data.normalization.name='site_range'` maps each modality with its own training-data range.
 
 Losses (losses/adversarial.py, methods.md §1.3): LSGAN (generator mean((D(G(x)) − 1)²),
 discriminator ½[mean((D(real) − 1)²) + mean(D(fake)²)]), L1 cycle consistency with weight
 `gan.cycle_weight` λ = 10, the optional identity loss `gan.identity_weight`·mean|G(y) − y|
-(CycleGAN's λ_idt·λ = 0.5·10 = 5 when used; 0 = off, SIFA has none).
+(off by default, as SIFA; CycleGAN's default λ_idt·λ = 0.5·10 = 5).
 
-Image pool (Shrivastava et al. 2017; CycleGAN; SIFA `fake_image_pool`): the discriminators see
+Image pool (Shrivastava et al. 2017), SIFA's `fake_image_pool` semantics: the discriminators see
 a history of generated batches. `gan.pool_size` P whole batches; while fewer than P are stored
 the new batch is stored and returned; afterwards, with probability ½ a random stored batch is
-returned and replaced by the new one, else the new batch is returned. The pool lives in the
+returned and replaced by the new one, else the new batch is returned. (CycleGAN's PyTorch
+ImagePool keeps P single images and tosses the coin per image; the two agree at batch size 1,
+CycleGAN's default; not reproduced for batches.) The pool lives in the
 train state (`nets[name].batch_stats`: {'images', 'count'}), so a step stays a pure function and
 a resume is exact. Under pmap it holds the GLOBAL batch (all-gathered) and draws the same random
 choice on every device, each device then takes its own rows: the replicas stay identical and the
@@ -112,7 +114,7 @@ def pool_query(pool: NetState, images, key, *, size: int, axis_name: str | None)
   index = jnp.where(filling, count, jax.random.randint(index_key, (), 0, size))
   old = stored[index]
   out = jnp.where(filling | ~swap, full, old)
-  stored = jnp.where(filling | swap, stored.at[index].set(full), stored)
+  stored = stored.at[index].set(jnp.where(filling | swap, full, old))   # one slot, not a pool copy
   new = pool.replace(batch_stats={"images": stored, "count": jnp.minimum(count + 1, size).astype(jnp.int32)})
   if axis_name is not None:
     out = jax.lax.dynamic_slice_in_dim(out, jax.lax.axis_index(axis_name) * local, local)
