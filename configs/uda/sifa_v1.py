@@ -12,7 +12,7 @@ epochs 5 and 6, 0.1 from 7), the decay every 2k steps. `:quick`: ramp over 20 % 
 The table row is labelled "SIFA w/o deep supervision".
 
 Numbers (2-core CPU, 2026-11-28, ONE seed, `sweep --uda --directions MR:CT --seeds 1`, mean Dice % on
-the CT test volumes, last iteration; 7.6 min): `:quick` MR -> CT 23.23 (its results table labels it
+the CT test volumes, last iteration; 7.7 min): `:quick` MR -> CT 23.23 (its results table labels it
 "SIFA w/o deep supervision", the label of every SIFA run without deep supervision). Full size not
 measured (no GPU was lent).
 """
