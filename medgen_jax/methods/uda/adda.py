@@ -233,23 +233,35 @@ def adapt_step(state: TrainState, batch, key, config, info):
   return flag_non_finite(state, new, checked + state_norms(new)), metrics
 
 
-def phase(step, config):
+def phase_at(step, pretrain_steps: int):
   """0 = source pre-training, 1 = adaptation, at (0-based) step `step` (a traced step inside a
   step function; on the host a plain integer, computed with numpy: no device work)."""
   xp = jnp if isinstance(step, jax.core.Tracer) else np
-  return (xp.asarray(step) >= config.adda.pretrain_steps).astype(xp.int32)
+  return (xp.asarray(step) >= pretrain_steps).astype(xp.int32)
+
+
+def phase(step, config):
+  return phase_at(step, config.adda.pretrain_steps)
+
+
+def pretrain_then(config, info, *, pretrain_steps: int, adapt):
+  """Phases (methods/base.py): `source_step` for steps [0, pretrain_steps), then
+  `adapt(state, batch, key)` (given the step's replicated key); metric `phase` 0 / 1. The
+  two-phase methods ADDA, SeUDA and CyCADA."""
+  def pretrain(state, batch, key):
+    key = fold_device(key, info.axis_name)
+    new, metrics = source_step(state, batch, key, config, info, pretrain_steps=pretrain_steps)
+    return new, dict(metrics, phase=jnp.zeros((), jnp.float32))
+
+  def adaptation(state, batch, key):
+    new, metrics = adapt(state, batch, key)
+    return new, dict(metrics, phase=jnp.ones((), jnp.float32))
+
+  return Phases(steps=(pretrain, adaptation), schedule=lambda step: phase_at(step, pretrain_steps))
 
 
 def make_step(config, info):
-  """Phases (methods/base.py): source pre-training, then adaptation, chosen by `phase`."""
-  def pretrain(state, batch, key):
-    key = fold_device(key, info.axis_name)
-    new, metrics = source_step(state, batch, key, config, info, pretrain_steps=config.adda.pretrain_steps)
-    return new, dict(metrics, phase=jnp.zeros((), jnp.float32))
-
-  def adapt(state, batch, key):
-    key = fold_device(key, info.axis_name)
-    new, metrics = adapt_step(state, batch, key, config, info)
-    return new, dict(metrics, phase=jnp.ones((), jnp.float32))
-
-  return Phases(steps=(pretrain, adapt), schedule=lambda step: phase(step, config))
+  """Source pre-training, then adaptation (`pretrain_then`)."""
+  return pretrain_then(config, info, pretrain_steps=config.adda.pretrain_steps,
+                       adapt=lambda state, batch, key: adapt_step(
+                           state, batch, fold_device(key, info.axis_name), config, info))

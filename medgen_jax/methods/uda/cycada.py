@@ -35,21 +35,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from medgen_jax import losses
 from medgen_jax.methods import deepall
-from medgen_jax.methods.base import Phases, device_mean, flag_non_finite, fold_device, init_net, update_net
-from medgen_jax.methods.uda import common, cyclegan, previews, translation
-from medgen_jax.methods.uda.adda import check_pretrain_steps, check_selection, init_two_stage, source_step
+from medgen_jax.methods.base import device_mean, flag_non_finite, fold_device, init_net, update_net
+from medgen_jax.methods.uda import common, cyclegan, translation
+from medgen_jax.methods.uda.adda import check_pretrain_steps, check_selection, init_two_stage, pretrain_then
 from medgen_jax.models.gan import FeatureDiscriminator
 from medgen_jax.train_state import TrainState, make_optimizer
 
 LABEL = "CyCADA"
 SAMPLER = "source_target"
 eval_network = deepall.eval_network
-PRETRAIN, ADAPT = 0, 1
 
 
 def label(config, sources) -> str:
@@ -155,27 +153,10 @@ def segmenter_step(state, images, labels, key, config, info, *, extra=None):
   return new.replace(opt_state=dict(state.opt_state, target=new.opt_state)), metrics
 
 
-def phase(step, config):
-  xp = jnp if isinstance(step, jax.core.Tracer) else np
-  return (xp.asarray(step) >= config.cycada.pretrain_steps).astype(xp.int32)
-
-
 def make_step(config, info):
-  def pretrain(state, batch, key):
-    new, metrics = source_step(state, batch, fold_device(key, info.axis_name), config, info,
-                               pretrain_steps=config.cycada.pretrain_steps)
-    return new, dict(metrics, phase=jnp.asarray(PRETRAIN, jnp.float32))
-
-  def adapt(state, batch, key):
-    new, metrics = adapt_step(state, batch, key, config, info)
-    return new, dict(metrics, phase=jnp.asarray(ADAPT, jnp.float32))
-
-  return Phases(steps=(pretrain, adapt), schedule=lambda step: phase(step, config))
+  return pretrain_then(config, info, pretrain_steps=config.cycada.pretrain_steps,
+                       adapt=lambda state, batch, key: adapt_step(state, batch, key, config, info))
 
 
 def write_figures(config, data, state, out_dir):
-  """translation_preview.png: source → target (g_st), back (g_ts), the evaluated network on the target."""
-  return previews.write_translation_preview(
-      config, data, out_dir, translate=lambda x: cyclegan.translate(config, state.nets["g_st"].params, x),
-      reconstruct=lambda x: cyclegan.translate(config, state.nets["g_ts"].params, x),
-      segment=previews.evaluated(eval_network, config, data, state))
+  return cyclegan.write_preview(config, data, state, out_dir, eval_network)

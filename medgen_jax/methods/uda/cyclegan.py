@@ -190,9 +190,14 @@ def make_step(config, info):
   return step
 
 
-def write_figures(config, data, state, out_dir):
-  """translation_preview.png: source → target (g_st), back (g_ts), the segmenter on the target."""
+def write_preview(config, data, state, out_dir, evaluated_network):
+  """translation_preview.png of a G_st/G_ts method (CycleGAN, SeUDA, CyCADA): source → target
+  (g_st), back (g_ts), and the method's evaluated network on the target."""
   return previews.write_translation_preview(
       config, data, out_dir, translate=lambda x: translate(config, state.nets["g_st"].params, x),
       reconstruct=lambda x: translate(config, state.nets["g_ts"].params, x),
-      segment=previews.evaluated(eval_network, config, data, state))
+      segment=previews.evaluated(evaluated_network, config, data, state))
+
+
+def write_figures(config, data, state, out_dir):
+  return write_preview(config, data, state, out_dir, eval_network)

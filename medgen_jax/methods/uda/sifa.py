@@ -217,18 +217,26 @@ def _apply(state, name, grads, config, info):
   return state.replace(nets=dict(state.nets, **{name: update_net(state.nets[name], translation.gan_adam(config), grads)})), grads
 
 
-def g_A_update(state, batch, key, config, info):
-  """1. G_A: cyc_A + cyc_B + LSG(d_B(fake_B)) over g_A. Returns (state, metrics, fake_B)."""
+def _generator_update(state, batch, key, config, info, *, net: str, fake: str, judge):
+  """One generator-side update of SIFA over nets[net] (g_A or de_B): both cycles + the LSGAN
+  term `judge(graph, image)` on its fake image `fake`. Returns (state, loss, grads, fake)."""
   graph = Graph(config, info)
 
-  def objective(g_A):
-    out, _ = graph.forward(state, batch, key, g_A=g_A)
-    adv = losses.lsgan_generator_loss(graph.d("d_B", state.nets["d_B"].params, out["fake_B"]))
-    return graph.cycles(batch, out) + adv, out["fake_B"]
+  def objective(params):
+    out, _ = graph.forward(state, batch, key, **{net: params})
+    return graph.cycles(batch, out) + losses.lsgan_generator_loss(judge(graph, out[fake])), out[fake]
 
-  (loss, fake_B), grads = jax.value_and_grad(objective, has_aux=True)(state.nets["g_A"].params)
-  state, grads = _apply(state, "g_A", grads, config, info)
-  return state, {"loss_g_A": device_mean(loss, info.axis_name), "g_A_grad_norm": optax.tree.norm(grads)}, fake_B
+  (loss, image), grads = jax.value_and_grad(objective, has_aux=True)(state.nets[net].params)
+  state, grads = _apply(state, net, grads, config, info)
+  return state, device_mean(loss, info.axis_name), grads, image
+
+
+def g_A_update(state, batch, key, config, info):
+  """1. G_A: cyc_A + cyc_B + LSG(d_B(fake_B)) over g_A. Returns (state, metrics, fake_B)."""
+  state, loss, grads, fake_B = _generator_update(
+      state, batch, key, config, info, net="g_A", fake="fake_B",
+      judge=lambda graph, x: graph.d("d_B", state.nets["d_B"].params, x))
+  return state, {"loss_g_A": loss, "g_A_grad_norm": optax.tree.norm(grads)}, fake_B
 
 
 def d_B_update(state, batch, fake_B, key, config, info):
@@ -296,16 +304,10 @@ def seg_update(state, batch, key, config, info):
 
 def g_B_update(state, batch, key, config, info):
   """4. G_B: cyc_A + cyc_B + LSG(d_A.img(fake_A)) over de_B. Returns (state, metrics, fake_A)."""
-  graph = Graph(config, info)
-
-  def objective(de_B):
-    out, _ = graph.forward(state, batch, key, de_B=de_B)
-    adv = losses.lsgan_generator_loss(graph.d("d_A", state.nets["d_A"].params, out["fake_A"])[..., 0])
-    return graph.cycles(batch, out) + adv, out["fake_A"]
-
-  (loss, fake_A), grads = jax.value_and_grad(objective, has_aux=True)(state.nets["de_B"].params)
-  state, grads = _apply(state, "de_B", grads, config, info)
-  return state, {"loss_g_B": device_mean(loss, info.axis_name), "de_B_grad_norm": optax.tree.norm(grads)}, fake_A
+  state, loss, grads, fake_A = _generator_update(
+      state, batch, key, config, info, net="de_B", fake="fake_A",
+      judge=lambda graph, x: graph.d("d_A", state.nets["d_A"].params, x)[..., 0])
+  return state, {"loss_g_B": loss, "de_B_grad_norm": optax.tree.norm(grads)}, fake_A
 
 
 def d_A_update(state, batch, fake_A, key, config, info):
