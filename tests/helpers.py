@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import nibabel as nib
+import jax
 import numpy as np
 
 from medgen_jax.config import base_config
@@ -71,3 +72,15 @@ def tiny_config(root, **overrides):
     target[last] = value
   c.lock()
   return c
+
+
+def leaves_equal(a, b) -> bool:
+  """Same tree size and every leaf bit-identical."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def every_leaf_changed(a, b) -> bool:
+  """Same non-empty tree size and no leaf bit-identical."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) > 0 and all(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import tiny_config
+from helpers import every_leaf_changed, leaves_equal, tiny_config
 from medgen_jax import losses, parallel
 from medgen_jax import config as config_lib
 from medgen_jax.methods.base import RunInfo
@@ -51,16 +51,6 @@ def make_batch(seed=0, channels=1):
   return {"source": {"image": image(), "label": rng.integers(0, 4, size=(4, 16, 16)).astype(np.int32),
                      "domain": np.zeros(4, np.int32)},
           "target": {"image": image(), "domain": np.ones(4, np.int32)}}
-
-
-def leaves_equal(a, b) -> bool:
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
-
-
-def every_leaf_changed(a, b) -> bool:
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) > 0 and all(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
 def max_abs(tree) -> float:

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import make_sites_dataset, tiny_config
+from helpers import every_leaf_changed, leaves_equal, make_sites_dataset, tiny_config
 from medgen_jax import losses, methods, parallel, train_lib
 from medgen_jax.data.sampler import SourceTargetSampler
 from medgen_jax.methods import deepall
@@ -59,16 +59,6 @@ def batch():
 
 
 # --- Helpers -------------------------------------------------------------------------------------
-
-
-def leaves_equal(a, b) -> bool:
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
-
-
-def every_leaf_changed(a, b) -> bool:
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) > 0 and all(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
 def tree_norm(tree) -> float:

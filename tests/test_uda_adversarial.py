@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import make_sites_dataset, tiny_config
+from helpers import every_leaf_changed, leaves_equal, make_sites_dataset, tiny_config
 from medgen_jax import parallel, train_lib
 from medgen_jax.methods import deepall
 from medgen_jax.methods.base import RunInfo, init_net
@@ -44,15 +44,6 @@ def batch():
                      "domain": np.zeros(4, np.int32)},
           "target": {"image": (0.5 * rng.normal(size=(4, 16, 16, 1)) + 1.0).astype(np.float32),
                      "domain": np.ones(4, np.int32)}}
-
-
-def leaves_equal(a, b) -> bool:
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
-
-
-def every_leaf_changed(a, b) -> bool:
-  return all(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def at_step(state, step):
