@@ -24,8 +24,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict({
       "name": "unet", "base_features": 16, "depth": 4, "dropout": 0.0,
-      "norm": "batch",          # batch | instance | group | none
-      "fast_ops": True})        # same math, XLA:CPU-friendly layers (see models/unet.py)
+      "norm": "batch",          # batch | instance | group | dsbn (per-domain BN) | none
+      "fast_ops": True,         # same math, XLA:CPU-friendly layers (see models/unet.py)
+      # Domain-specific layers (DSBN, adapters, MS-Net, UMMKD) at a site the model was not
+      # trained on: 'average' = the mean of the trained domains' parameters and statistics;
+      # 'refuse' = an error before training/prediction (models/domains.py).
+      "unseen_domain": "average"})
 
   c.loss = ml_collections.ConfigDict({
       "ce_weight": 1.0, "dice_weight": 1.0,
@@ -263,6 +267,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   module = methods.get(config.method)
   if hasattr(module, "validate"):
     module.validate(config)
+  if config.model.unseen_domain not in ("average", "refuse"):
+    fail("model.unseen_domain", f"unknown policy {config.model.unseen_domain!r}; use average | refuse")
+  if config.model.norm == "dsbn" and module.SAMPLER != "pooled":
+    fail("model.norm", f"'dsbn' (per-site BatchNorm picked by each slice's site) needs the pooled "
+         f"sampler's per-model domain ids; method {config.method!r} draws {module.SAMPLER!r} batches: "
+         "use 'batch'")
   if config.meta.optimizers not in ("summed", "released"):
     fail("meta.optimizers", f"unknown mode {config.meta.optimizers!r}; use summed | released")
   if config.meta.optimizers == "released" and config.method not in ("masf", "saml"):

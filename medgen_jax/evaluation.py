@@ -11,6 +11,7 @@ from here (this module imports none of them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -22,18 +23,21 @@ from medgen_jax.checkpoint import Checkpoints, abstract_like
 from medgen_jax.data.nifti import write_bytes_atomic
 from medgen_jax.data.pipeline import load_run_normalizer, prepare_data
 from medgen_jax.inference import make_predict_fn, predict_volume
-from medgen_jax.methods.base import RunInfo
+from medgen_jax.methods.base import RunInfo, domain_index
 from medgen_jax.runs import load_run_config
 
 
 def evaluate_cases(predict_fn, variables, cases_by_site, *, normalizer, data_config, num_classes: int,
-                   batch_size: int, distances: bool = True, method: str = "", role_of=None) -> list[dict]:
-  """One record per volume: per-class Dice (and ASSD/HD95 in mm), the empty-mask flags."""
+                   batch_size: int, distances: bool = True, method: str = "", role_of=None,
+                   domain_of=None) -> list[dict]:
+  """One record per volume: per-class Dice (and ASSD/HD95 in mm), the empty-mask flags.
+  `domain_of(site)`: the domain id a domain-specific network is applied with (None: not one)."""
   records = []
   for site, cases in cases_by_site.items():
     for case in cases:
       pred = predict_volume(predict_fn, variables, case.image, case.spacing, normalizer=normalizer,
-                            data_config=data_config, batch_size=batch_size, site=case.site)
+                            data_config=data_config, batch_size=batch_size, site=case.site,
+                            domain=domain_of(case.site) if domain_of else None)
       scores = metrics.score_volume(pred, case.label, num_classes=num_classes, spacing=case.spacing,
                                     distances=distances)
       records.append({"method": method, "site": site, "case": case.case_id,
@@ -52,20 +56,35 @@ class TrainedModel:
   variables: dict        # its variables in the selected checkpoint (host arrays)
   step: int
   selection: str         # the rule that chose `step`: val | last | oracle
+  # Domain-specific layers (methods.uses_domains): the unseen-site policy (model.unseen_domain);
+  # None = a network without them.
+  domain_policy: str | None = None
+
+  def predictor(self):
+    """(predict_fn, domain_of): the jitted prediction and the site -> domain-id map it needs
+    (None for a network without domain-specific layers)."""
+    return predictor(self.model, self.sources, self.domain_policy)
 
 
-def run_info(config, num_classes: int) -> RunInfo:
-  """What a method is told about the run (methods/base.py): classes, slice shape, the trainer's
-  data-parallel axis."""
+def predictor(model, sources, domain_policy: str | None):
+  if domain_policy is None:
+    return make_predict_fn(model), None
+  return (make_predict_fn(model, domains=True),
+          functools.partial(domain_index, tuple(sources), policy=domain_policy))
+
+
+def run_info(config, num_classes: int, sources=()) -> RunInfo:
+  """What a method is told about one model (methods/base.py): classes, slice shape, the trainer's
+  data-parallel axis, the model's training sites (its domains)."""
   return RunInfo(num_classes=num_classes,
                  input_shape=(*config.data.in_plane_shape, config.data.context_slices),
-                 axis_name=parallel.AXIS_NAME)
+                 axis_name=parallel.AXIS_NAME, domains=tuple(sources))
 
 
-def abstract_state(config, num_classes: int):
+def abstract_state(config, num_classes: int, sources=()):
   """The method's TrainState as shapes only (jax.eval_shape: nothing runs), to restore into."""
   module = methods.get(config.method)
-  info = run_info(config, num_classes)
+  info = run_info(config, num_classes, sources)
   return jax.eval_shape(lambda: module.init_state(jax.random.PRNGKey(config.seed), config, info))
 
 
@@ -93,9 +112,10 @@ def restore_selected(ckpts: Checkpoints, template, *, selection: str, name: str,
 
 def trained_model(config, num_classes: int, state, *, name: str, sources, step: int) -> TrainedModel:
   """The method's evaluation network and its variables in `state`."""
-  model, variables_of = methods.get(config.method).eval_network(config, run_info(config, num_classes))
+  model, variables_of = methods.get(config.method).eval_network(config, run_info(config, num_classes, sources))
+  policy = config.model.unseen_domain if methods.uses_domains(config) else None
   return TrainedModel(name, list(sources), model, jax.device_get(variables_of(state)), step,
-                      config.eval.selection)
+                      config.eval.selection, policy)
 
 
 def restore_models(config, workdir: Path, *, num_classes: int, sources: list[str]) -> list[TrainedModel]:
@@ -105,7 +125,7 @@ def restore_models(config, workdir: Path, *, num_classes: int, sources: list[str
     ckpts = Checkpoints(workdir / name / "checkpoints", keep=config.checkpoint.keep,
                         selection_key=selection_key(config.eval.selection), read_only=True)
     try:
-      state, step = restore_selected(ckpts, abstract_state(config, num_classes),
+      state, step = restore_selected(ckpts, abstract_state(config, num_classes, model_sources),
                                      selection=config.eval.selection, name=name, workdir=workdir)
     finally:
       ckpts.close()
@@ -129,12 +149,12 @@ def evaluate_models(config, data, trained_models, workdir: Path, *, results_name
   for trained in trained_models:
     def role_of(site, trained=trained):
       return "in-domain" if site in trained.sources else "unseen"
-    predict = make_predict_fn(trained.model)
+    predict, domain_of = trained.predictor()
     records += evaluate_cases(predict, trained.variables, data.cases["test"],
                               normalizer=data.normalizer, data_config=config.data,
                               num_classes=data.num_classes, batch_size=config.eval.batch_size,
                               distances=config.eval.distances, method=method_label(config, trained),
-                              role_of=role_of)
+                              role_of=role_of, domain_of=domain_of)
   sites = sorted(data.cases["test"])
   class_names = [data.info.labels[k] for k in sorted(data.info.labels) if k]
   rules = sorted({t.selection for t in trained_models})

@@ -16,8 +16,13 @@ from scipy import ndimage
 from medgen_jax.data.preprocess import context_offsets, crop_or_pad, preprocess_case
 
 
-def make_predict_fn(model):
-  """jit(variables, images [B, H, W, C]) -> labels [B, H, W] int32 (argmax of the logits)."""
+def make_predict_fn(model, *, domains: bool = False):
+  """jit(variables, images [B, H, W, C]) -> labels [B, H, W] int32 (argmax of the logits); with
+  `domains` (a network with domain-specific layers), jit(variables, images, domain [B]) ->
+  labels."""
+  if domains:
+    return jax.jit(lambda variables, x, domain: jnp.argmax(
+        model.apply(variables, x, train=False, domain=domain), axis=-1))
   return jax.jit(lambda variables, x: jnp.argmax(model.apply(variables, x, train=False), axis=-1))
 
 
@@ -29,19 +34,22 @@ def slice_stack(volume: np.ndarray, context_slices: int) -> np.ndarray:
 
 
 def predict_volume(predict_fn, variables, image: np.ndarray, spacing, *, normalizer, data_config,
-                   batch_size: int, site: str | None = None) -> np.ndarray:
+                   batch_size: int, site: str | None = None, domain: int | None = None) -> np.ndarray:
   """Label map [X, Y, Z] (uint8) on the grid of `image` (RAS+, as loaded). `site`: the volume's
-  site, needed when the normalizer is per-site ('site_range'); ignored otherwise."""
+  site, needed when the normalizer is per-site ('site_range'); ignored otherwise. `domain`: the
+  volume's domain id for a `make_predict_fn(..., domains=True)` network (methods/base.domain_index)."""
   in_plane_spacing = tuple(data_config.in_plane_spacing) or None
   processed, _ = preprocess_case(image, np.zeros(image.shape, np.uint8), spacing,
                                  normalizer=normalizer, in_plane_shape=tuple(data_config.in_plane_shape),
                                  in_plane_spacing=in_plane_spacing,
-                                 bias_correction=data_config.bias_correction, site=site)
+                                 bias_correction=data_config.bias_correction,
+                                 bias_options=data_config.get("n4"), site=site)
   stack = slice_stack(processed, data_config.context_slices)
   depth = len(stack)
   padded = -(-depth // batch_size) * batch_size
   stack = np.concatenate([stack, np.zeros((padded - depth,) + stack.shape[1:], stack.dtype)])
-  labels = np.concatenate([np.asarray(predict_fn(variables, stack[i:i + batch_size]))
+  extra = () if domain is None else (np.full((batch_size,), domain, np.int32),)
+  labels = np.concatenate([np.asarray(predict_fn(variables, stack[i:i + batch_size], *extra))
                            for i in range(0, padded, batch_size)])[:depth]
   labels = np.moveaxis(labels, 0, 2).astype(np.uint8)  # [H, W, Z]
   if in_plane_spacing:

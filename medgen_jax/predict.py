@@ -15,7 +15,9 @@ A run of method `separate` has one model per source site (`separate_<site>`): ch
 `--site SITE`: the site (scanner / modality) every input comes from, required when the run's
 normalization is per-site (`site_range`: each site mapped with the intensity range fitted on
 that site's own training or unlabelled adaptation volumes) and one of the run's fitted sites;
-ignored by the other normalizations.
+ignored by the other normalizations. A model with domain-specific layers (DSBN, adapters,
+MS-Net, UMMKD) applies the parameters of `--site`; a site it was not trained on (or no --site)
+gets the mean of its domains' parameters (model.unseen_domain='average') or is refused ('refuse').
 
 Outputs: `DIR/<input name without .nii/.nii.gz>_seg.nii.gz` (e.g. `case0_image.nii.gz` ->
 `case0_image_seg.nii.gz`), uint8 label values 0..C-1 of the run's dataset (names in its
@@ -258,7 +260,12 @@ def main(argv=None) -> int:
     stored = [read_header(f, channel) for f in inputs]
     config, normalizer, models = load_run(workdir)
     trained = choose_model(models, args.model)
-    site = check_site(normalizer, args.site)
+    normalizer_site = check_site(normalizer, args.site)
+    predict_fn, domain_of = trained.predictor()
+    try:
+      domain = domain_of(args.site) if domain_of else None
+    except ValueError as e:
+      raise UsageError(str(e)) from None
     try:
       out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -268,9 +275,8 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
-  from medgen_jax.inference import make_predict_fn, predict_volume
+  from medgen_jax.inference import predict_volume
 
-  predict_fn = make_predict_fn(trained.model)
   print(f"[predict] model {trained.name} of {workdir} (step {trained.step}, selection "
         f"{trained.selection}); {len(inputs)} volume(s) -> {out_dir}", flush=True)
   failed = 0
@@ -279,7 +285,7 @@ def main(argv=None) -> int:
       volume = load_nifti(image_path, channel=channel)
       labels = predict_volume(predict_fn, trained.variables, volume.data, volume.spacing,
                               normalizer=normalizer, data_config=config.data,
-                              batch_size=config.eval.batch_size, site=site)
+                              batch_size=config.eval.batch_size, site=normalizer_site, domain=domain)
       if out_path.exists():  # appeared while predicting: still never overwritten
         raise UsageError(f"{out_path}: appeared while predicting; not overwritten. Fix: use another --out")
       save_labels(out_path, to_stored_grid(labels, volume.affine, header), header)

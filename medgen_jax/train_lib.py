@@ -46,10 +46,9 @@ from medgen_jax.data.nifti import write_bytes_atomic
 from medgen_jax.data.pipeline import PreparedData, prepare_data
 from medgen_jax.data.sampler import EpisodicSampler, SliceSampler, SourceTargetSampler
 from medgen_jax.data.splits import save_splits
-from medgen_jax.evaluation import (TrainedModel, abstract_state, evaluate_cases, evaluate_models,
+from medgen_jax.evaluation import (TrainedModel, abstract_state, evaluate_cases, evaluate_models, predictor,
                                    restore_selected, run_info, selection_key, trained_model)
-from medgen_jax.inference import make_predict_fn
-from medgen_jax.methods.base import Phases, RunInfo
+from medgen_jax.methods.base import Phases, RunInfo, domain_index
 from medgen_jax.report import mean_dice
 from medgen_jax.runs import check_config, prepare_workdir, save_config
 from medgen_jax.writers import MetricWriter
@@ -88,14 +87,14 @@ class RunParts:
   info: RunInfo
 
 
-def init_run_parts(config, num_classes: int, *, abstract: bool = False) -> RunParts:
+def init_run_parts(config, num_classes: int, *, sources=(), abstract: bool = False) -> RunParts:
   """The method's initial state and step for one model. `abstract=True` gives the state as
   shapes only (jax.eval_shape: nothing is compiled or run), enough to restore a checkpoint or
   to check the model's shape constraints."""
   module = methods.get(config.method)
-  info = run_info(config, num_classes)
+  info = run_info(config, num_classes, sources)
   if abstract:
-    state = abstract_state(config, num_classes)
+    state = abstract_state(config, num_classes, sources)
   else:
     state = module.init_state(jax.random.PRNGKey(config.seed), config, info)
   return RunParts(state, module.make_step(config, info), info)
@@ -175,7 +174,7 @@ class _Progress:
 
 def train_one(config, data: PreparedData, *, name: str, sources: list[str], workdir: Path) -> TrainedModel:
   """Trains one model on `sources` (resuming from its checkpoints) and restores the selected one."""
-  parts = init_run_parts(config, data.num_classes)
+  parts = init_run_parts(config, data.num_classes, sources=sources)
   template = parts.state
   sampler = make_sampler(config, data, sources)
   ckpts = Checkpoints(workdir / name / "checkpoints", keep=config.checkpoint.keep,
@@ -210,14 +209,15 @@ def train_one(config, data: PreparedData, *, name: str, sources: list[str], work
 
 def _train_loop(config, data, parts: RunParts, state, sampler, ckpts, *, name, sources, start, writer):
   eval_model, variables_of = methods.get(config.method).eval_network(config, parts.info)
-  predict = make_predict_fn(eval_model)
+  predict, domain_of = predictor(eval_model, sources,
+                                 config.model.unseen_domain if methods.uses_domains(config) else None)
   val_cases = {s: data.cases["val"][s] for s in sources if data.cases["val"].get(s)}
   oracle_cases = {s: data.cases["test"][s] for s in data.held_out}
 
   def evaluate_for_selection(host_state) -> dict:
     variables = variables_of(host_state)
     common = dict(normalizer=data.normalizer, data_config=config.data, num_classes=data.num_classes,
-                  batch_size=config.eval.batch_size, distances=False)
+                  batch_size=config.eval.batch_size, distances=False, domain_of=domain_of)
     out = {}
     if val_cases:
       out["val_dice"] = mean_dice(evaluate_cases(predict, variables, val_cases, **common))
@@ -300,7 +300,10 @@ def _check_protocol(config, data: PreparedData) -> None:
   model's shape constraints. Warns about sites without a test split."""
   for _, sources in methods.model_runs(config, data.sources):
     make_sampler(config, data, sources)
-  init_run_parts(config, data.num_classes, abstract=True)
+    init_run_parts(config, data.num_classes, sources=sources, abstract=True)
+    if methods.uses_domains(config):
+      for site in data.held_out:  # the unseen-site policy, before the run claims its workdir
+        domain_index(sources, site, policy=config.model.unseen_domain)
   if config.eval.selection == "val":
     for name, sources in methods.model_runs(config, data.sources):
       if not any(data.cases["val"].get(s) for s in sources):

@@ -61,12 +61,13 @@ def compute_dtype(name: str):
 
 
 def make_model(model_config: ml_collections.ConfigDict, *, num_classes: int, dtype: str = "float32",
-               bn_axis_name: str | None = None) -> UNet:
+               bn_axis_name: str | None = None, num_domains: int = 1) -> UNet:
   if model_config.name != "unet":
     raise ValueError(f"unknown model {model_config.name!r} (config model.name); available: unet")
   return UNet(num_classes=num_classes, base_features=model_config.base_features,
               depth=model_config.depth, dropout=model_config.dropout, norm=model_config.norm,
-              bn_axis_name=bn_axis_name, dtype=compute_dtype(dtype), fast_ops=model_config.fast_ops)
+              bn_axis_name=bn_axis_name, dtype=compute_dtype(dtype), fast_ops=model_config.fast_ops,
+              num_domains=num_domains)
 
 
 def make_schedule(opt: ml_collections.ConfigDict, *, num_steps: int):

@@ -83,7 +83,8 @@ def _unlabelled_error(sites: Sequence[str]) -> DataError:
 def build_slice_cache(cases_by_site: Mapping[str, Sequence], *, normalizer, in_plane_shape,
                       domain_ids: Mapping[str, int], in_plane_spacing=None, context_slices: int = 1,
                       cache_dtype: str = "float32", slices: str = "foreground",
-                      bias_correction: str = "none", labelled: bool = True) -> SliceCache:
+                      bias_correction: str = "none", bias_options=None,
+                      labelled: bool = True) -> SliceCache:
   """Preprocesses every case once (see preprocess.preprocess_case, with the case's site, the key
   it is listed under, for per-site normalizers) and stacks its axial slices.
 
@@ -114,7 +115,8 @@ def build_slice_cache(cases_by_site: Mapping[str, Sequence], *, normalizer, in_p
       label_in = case.label if labelled else np.broadcast_to(np.uint8(0), np.shape(case.image))
       image, label = preprocess_case(case.image, label_in, case.spacing, normalizer=normalizer,
                                      in_plane_shape=in_plane_shape, in_plane_spacing=in_plane_spacing,
-                                     bias_correction=bias_correction, site=site)
+                                     bias_correction=bias_correction, bias_options=bias_options,
+                                     site=site)
       depth = image.shape[2]
       images.append(np.moveaxis(image, 2, 0).astype(cache_dtype))
       if labelled:
@@ -144,9 +146,12 @@ def build_slice_cache(cases_by_site: Mapping[str, Sequence], *, normalizer, in_p
 
 
 def _balanced_batch(cache: SliceCache, sites: Sequence[str], per_site: int,
-                    rng: np.random.Generator, *, labels: bool = True) -> dict[str, np.ndarray]:
+                    rng: np.random.Generator, *, labels: bool = True,
+                    domain_ids: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
   """`per_site` random slices from each site, interleaved A, B, C, A, B, C, ...
-  `labels=False`: {'image', 'domain'} only, and no label is read."""
+  `labels=False`: {'image', 'domain'} only, and no label is read. `domain` = `domain_ids[site]`
+  (default: the cache's dataset-wide ids)."""
+  domain_ids = cache.domain_ids if domain_ids is None else domain_ids
   n = len(sites)
   first = cache.sites[sites[0]]
   h, w = first.images.shape[1:]
@@ -160,7 +165,7 @@ def _balanced_batch(cache: SliceCache, sites: Sequence[str], per_site: int,
       image[j::n], label[j::n] = cache.gather(site, idx)
     else:
       image[j::n] = cache.gather_images(site, idx)
-    domain[j::n] = cache.domain_ids[site]
+    domain[j::n] = domain_ids[site]
   if not labels:
     return {"image": image, "domain": domain}
   return {"image": image, "label": label, "domain": domain}
@@ -217,7 +222,10 @@ def _per_site(batch_size: int, sites: Sequence[str], *, key: str, role: str) -> 
 
 
 class SliceSampler(_Resumable):
-  """Domain-balanced 2-D slice batches: `batch_size / len(sites)` slices from each site."""
+  """Domain-balanced 2-D slice batches: `batch_size / len(sites)` slices from each site.
+
+  `domain[b]` is the index of the slice's site in `sites` (the model's training sites, the
+  order of its domain-specific layers: methods/base.RunInfo.domains), not the dataset-wide id."""
 
   def __init__(self, cache: SliceCache, *, sites: Sequence[str], batch_size: int, seed: int,
                step: int = 0):
@@ -231,7 +239,8 @@ class SliceSampler(_Resumable):
     self.per_site = batch_size // len(self.sites)
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    return _balanced_batch(self.cache, self.sites, self.per_site, self._rng(step))
+    return _balanced_batch(self.cache, self.sites, self.per_site, self._rng(step),
+                           domain_ids={site: i for i, site in enumerate(self.sites)})
 
 
 class EpisodicSampler(_Resumable):

@@ -44,3 +44,10 @@ def model_runs(config, sources) -> list[tuple[str, list[str]]]:
   if hasattr(module, "model_runs"):
     return module.model_runs(config, sources)
   return [(config.method, list(sources))]
+
+
+def uses_domains(config) -> bool:
+  """True when the method's evaluation network takes each sample's domain id (DSBN, adapters,
+  MS-Net, UMMKD: methods/base.py)."""
+  module = get(config.method)
+  return bool(module.uses_domains(config)) if hasattr(module, "uses_domains") else False

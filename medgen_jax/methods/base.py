@@ -23,7 +23,9 @@ A method module (`medgen_jax/methods/*.py`, registered in `methods/__init__.py`)
 
 and optionally `label(config, sources)` (a richer table name), `model_runs(config, sources)`
 (the models one run trains: [(name, sources)], default one model on all sources; Separate
-trains one per site), `validate(config)` (method-specific config checks, one clear error) and
+trains one per site), `uses_domains(config)` (True: the evaluation network has domain-specific
+layers and is applied as `model.apply(variables, x, train=False, domain=ids)`, the ids from
+`domain_index`; default False), `validate(config)` (method-specific config checks, one clear error) and
 `write_figures(config, data, state, out_dir)` (figures drawn from a trained model's selected
 state, e.g. the translation methods' previews; the trainer calls it once per model, process 0).
 
@@ -41,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from medgen_jax.models.domains import UNSEEN
 from medgen_jax.train_state import NetState, TrainState
 
 SAMPLERS = ("pooled", "episodic", "source_target")
@@ -96,6 +99,29 @@ class RunInfo:
   num_classes: int
   input_shape: tuple[int, int, int]   # one slice: (H, W, channels)
   axis_name: str | None = None         # the data-parallel axis inside the step, or None
+  # The model's training sites, in the order of their domain ids: a pooled batch's
+  # batch['domain'][b] indexes this tuple (data/sampler.SliceSampler). Domain-specific layers
+  # (DSBN, adapters, ...) keep one parameter set per entry.
+  domains: tuple[str, ...] = ()
+
+  @property
+  def num_domains(self) -> int:
+    return max(len(self.domains), 1)
+
+
+def domain_index(domains, site: str | None, *, policy: str = "average") -> int:
+  """The domain id of `site` in a model trained on `domains` (RunInfo.domains); a site it was
+  not trained on is `UNSEEN` (-1: the mean of the domain-specific parameters) under the
+  'average' policy, and one clear ValueError under 'refuse' (config model.unseen_domain)."""
+  domains = list(domains)
+  if site in domains:
+    return domains.index(site)
+  if policy == "average":
+    return UNSEEN
+  what = f"site {site!r}" if site is not None else "a volume of unknown site"
+  raise ValueError(f"{what}: the model has domain-specific layers for {domains} only and "
+                   "config model.unseen_domain='refuse'. Fix: give the volume's site (predict --site), "
+                   "or set model.unseen_domain='average' (the mean of the trained domains' parameters)")
 
 
 def device_mean(tree, axis_name: str | None):

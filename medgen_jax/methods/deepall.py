@@ -1,4 +1,8 @@
-"""DeepAll (= "Joint"): one model trained on all source sites pooled.
+"""DeepAll (= "Joint"): one model trained on all source sites pooled; with `model.norm='dsbn'`,
+DSBN (Chang et al., CVPR 2019; the DSBN row of MS-Net, Liu et al., IEEE TMI 2020): the same
+network and step, but every BatchNorm keeps statistics, scale and bias per training site and
+each slice is normalized with its own site's (models/domains.DomainBatchNorm); evaluation
+applies the test site's BN (an unseen site: model.unseen_domain).
 
 Loss: segmentation_loss (weighted CE + soft Dice, losses/segmentation.py) + an explicit L2 term on kernels.
 Used per site, the same step gives the "Separate" baseline (one model per site); with
@@ -36,12 +40,21 @@ def segmentation_terms(logits, labels, params, loss_config, *, num_classes: int,
   return seg + l2, dict(metrics, loss=seg + l2, loss_l2=l2)
 
 
+def domain_specific(model) -> bool:
+  """True for a network with several domains' parameter sets (models/domains.py)."""
+  return getattr(model, "num_domains", 1) > 1
+
+
 def make_loss_fn(model, loss_config, *, num_classes: int, axis_name: str | None = None):
   """loss_fn(params, batch_stats, batch, key) -> (loss, (metrics, new_batch_stats))."""
 
+  # Domain-specific layers (DSBN, adapters) read each slice's site: the pooled batch's ids.
+  domain_kw = (lambda batch: {"domain": batch["domain"]}) if domain_specific(model) else (lambda batch: {})
+
   def loss_fn(params, batch_stats, batch, key):
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                                  train=True, mutable=["batch_stats"], rngs={"dropout": key})
+                                  train=True, mutable=["batch_stats"], rngs={"dropout": key},
+                                  **domain_kw(batch))
     loss, metrics = segmentation_terms(logits, batch["label"], params, loss_config,
                                        num_classes=num_classes, axis_name=axis_name)
     return loss, (metrics, updates.get("batch_stats", batch_stats))
@@ -108,14 +121,21 @@ def make_train_step(model, tx: optax.GradientTransformation, config, *, num_clas
 
 def segmenter(config, info, *, train: bool):
   """The U-Net of config.model; for training, its BatchNorm synchronized over the data-parallel
-  axis when `config.bn_sync` (and the trainer pmaps the step)."""
-  sync = train and config.bn_sync and config.model.norm == "batch" and info.axis_name is not None
+  axis when `config.bn_sync` (and the trainer pmaps the step). With domain-specific layers
+  (model.norm 'dsbn'), one parameter set per training site (info.domains)."""
+  sync = train and bn_synced(config, info)
   return make_model(config.model, num_classes=info.num_classes, dtype=config.dtype,
-                    bn_axis_name=info.axis_name if sync else None)
+                    bn_axis_name=info.axis_name if sync else None,
+                    num_domains=info.num_domains if uses_domains(config) else 1)
+
+
+def uses_domains(config) -> bool:
+  """DSBN (model.norm='dsbn'): the network picks each slice's site's BatchNorm."""
+  return config.model.norm == "dsbn"
 
 
 def bn_synced(config, info) -> bool:
-  return config.bn_sync and config.model.norm == "batch" and info.axis_name is not None
+  return config.bn_sync and config.model.norm in ("batch", "dsbn") and info.axis_name is not None
 
 
 def init_state(key, config, info) -> TrainState:
@@ -136,7 +156,10 @@ def eval_network(config, info):
 
 
 def label(config, sources) -> str:
-  base = f"Separate ({sources[0]})" if config.method == "separate" else LABEL
+  if config.method == "separate":
+    base = f"Separate ({sources[0]})"
+  else:
+    base = "DSBN" if uses_domains(config) else LABEL
   return base + (" + BigAug" if config.augment.enabled else "")
 
 

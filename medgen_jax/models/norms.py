@@ -5,9 +5,12 @@
 * `instance`: per-sample, per-channel normalization over H, W with learned scale and bias
   (tf.contrib instance_norm, epsilon 1e-6) = GroupNorm with group size 1.
 * `group`: GroupNorm with `num_groups` groups (fewer when channels are not divisible).
+* `dsbn`: domain-specific BatchNorm (models/domains.DomainBatchNorm): statistics, scale and bias
+  per domain, chosen by the batch's domain ids (`norm(x, train=..., domain=ids)`); `num_domains`
+  sets of them.
 * `none`: identity.
 
-Domain-specific BN (a later issue) plugs in here as another name.
+Every norm is called as `norm(x, train=..., domain=None)`; only `dsbn` reads `domain`.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-NORMS = ("batch", "instance", "group", "none")
+from medgen_jax.models.domains import DomainBatchNorm
+
+NORMS = ("batch", "instance", "group", "dsbn", "none")
 
 
 class Identity(nn.Module):
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
+  def __call__(self, x, *, train: bool = False, domain=None):
     return x
 
 
@@ -36,8 +41,14 @@ class _Norm(nn.Module):
   epsilon: float = 1e-3
   dtype: jnp.dtype = jnp.float32
 
+  num_domains: int = 1
+
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
+  def __call__(self, x, *, train: bool = False, domain=None):
+    if self.kind == "dsbn":
+      return DomainBatchNorm(self.num_domains, momentum=self.momentum, epsilon=self.epsilon,
+                             axis_name=self.axis_name if train else None, dtype=self.dtype,
+                             name="dsbn")(x, train=train, domain=domain)
     if self.kind == "batch":
       return nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
                           epsilon=self.epsilon, axis_name=self.axis_name if train else None,
@@ -52,11 +63,11 @@ class _Norm(nn.Module):
 
 
 def make_norm(name: str, *, axis_name: str | None = None, num_groups: int = 8,
-              momentum: float = 0.9, epsilon: float = 1e-3, dtype=jnp.float32):
-  """Returns a constructor `norm(name=...) -> module` called as `module(x, train=...)`."""
+              momentum: float = 0.9, epsilon: float = 1e-3, num_domains: int = 1, dtype=jnp.float32):
+  """Returns a constructor `norm(name=...) -> module` called as `module(x, train=..., domain=...)`."""
   if name not in NORMS:
     raise ValueError(f"unknown norm {name!r} (config model.norm); use one of {', '.join(NORMS)}")
   if name == "none":
     return Identity
   return functools.partial(_Norm, kind=name, axis_name=axis_name, num_groups=num_groups,
-                           momentum=momentum, epsilon=epsilon, dtype=dtype)
+                           momentum=momentum, epsilon=epsilon, num_domains=num_domains, dtype=dtype)

@@ -97,17 +97,18 @@ class ConvBlock(nn.Module):
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   fast_ops: bool = True
+  num_domains: int = 1
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
-    norm = make_norm(self.norm, axis_name=self.bn_axis_name, dtype=self.dtype)
+  def __call__(self, x, *, train: bool, domain=None):
+    norm = make_norm(self.norm, axis_name=self.bn_axis_name, num_domains=self.num_domains, dtype=self.dtype)
     for i in range(2):
       if self.fast_ops:
         x = ConvSame(self.features, dtype=self.dtype, name=f"conv{i}")(x)
       else:
         x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
                     param_dtype=jnp.float32, name=f"conv{i}")(x)
-      x = nn.relu(norm(name=f"norm{i}")(x, train=train))
+      x = nn.relu(norm(name=f"norm{i}")(x, train=train, domain=domain))
     return x
 
 
@@ -120,27 +121,30 @@ class UNet(nn.Module):
   bn_axis_name: str | None = None   # set for synchronized BatchNorm across devices
   dtype: jnp.dtype = jnp.float32    # compute dtype; parameters stay float32
   fast_ops: bool = True
+  num_domains: int = 1              # domain-specific layers (norm 'dsbn'): one set per domain
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False, return_features: bool = False,
+  def __call__(self, x, *, train: bool = False, domain=None, return_features: bool = False,
                return_levels: bool = False):
     """Logits [B, H, W, classes] (float32); with `return_features`, also the last decoder
     block's output [B, H, W, base_features] (the semantic features MASF/SAML embed); with
     `return_levels`, (logits, {name: output}) of every block: down0 .. down{depth-1} (encoder,
     before pooling), bottleneck (after dropout), up{depth-1} .. up0 (decoder), which the
-    feature-level adaptation methods feed to their discriminators."""
+    feature-level adaptation methods feed to their discriminators. `domain` (int [B]): each
+    sample's domain id, read by the domain-specific layers (models/domains.py)."""
     if x.shape[1] % 2 ** self.depth or x.shape[2] % 2 ** self.depth:
       raise ValueError(f"input {x.shape[1]}x{x.shape[2]} must be divisible by 2^depth = "
                        f"{2 ** self.depth} (config data.in_plane_shape / model.depth)")
-    block = lambda f, name: ConvBlock(f, self.norm, self.bn_axis_name, self.dtype, self.fast_ops, name=name)
+    block = lambda f, name: ConvBlock(f, self.norm, self.bn_axis_name, self.dtype, self.fast_ops,
+                                      self.num_domains, name=name)
     x = x.astype(self.dtype)
     skips, levels = [], {}
     for level in range(self.depth):
-      x = block(self.base_features * 2 ** level, f"down{level}")(x, train=train)
+      x = block(self.base_features * 2 ** level, f"down{level}")(x, train=train, domain=domain)
       skips.append(x)
       levels[f"down{level}"] = x
       x = max_pool_2x2(x) if self.fast_ops else nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = block(self.base_features * 2 ** self.depth, "bottleneck")(x, train=train)
+    x = block(self.base_features * 2 ** self.depth, "bottleneck")(x, train=train, domain=domain)
     if self.dropout > 0:
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     levels["bottleneck"] = x
@@ -151,7 +155,8 @@ class UNet(nn.Module):
       else:
         x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=self.dtype,
                              param_dtype=jnp.float32, name=f"upconv{level}")(x)
-      x = block(features, f"up{level}")(jnp.concatenate([x, skips[level]], axis=-1), train=train)
+      x = block(features, f"up{level}")(jnp.concatenate([x, skips[level]], axis=-1), train=train,
+                                               domain=domain)
       levels[f"up{level}"] = x
     if self.fast_ops:
       logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="head")(x)
