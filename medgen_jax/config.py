@@ -246,6 +246,31 @@ def prostate6(config: ml_collections.ConfigDict, *, held_out: str = "BIDMC") -> 
   return config
 
 
+def multisite(config: ml_collections.ConfigDict, arg: str | None = None, *,
+              quick_steps: int = 300) -> ml_collections.ConfigDict:
+  """Multi-site learning, the setting of the talk's MS-Net tables (`configs/multisite/*.py`):
+  every site is a source and each is tested on its own held-back test cases (no held-out site).
+
+  `arg`: 'quick' = brain-sites with all six simulated sites (data/brain-sites6, 10 cases per
+  site: 6 train / 2 val / 2 test) at the CPU size; None = the same data at the GPU size;
+  'prostate6' = the real six-site prostate collection (give --config.data.root) at SAML's size."""
+  if arg not in (None, "quick", "prostate6"):
+    raise ValueError(f"config argument {arg!r}: use quick, prostate6 or nothing (the GPU size)")
+  if arg == "prostate6":
+    prostate6(config)
+    config.data.held_out = ()
+    return config
+  config.data.root = "data/brain-sites6"
+  config.data.synthesize.sites = 6
+  config.data.held_out = ()
+  if arg == "quick":
+    cpu_sized_brain(config, num_steps=quick_steps)
+  else:
+    gpu_sized_brain(config)
+  config.data.synthesize.cases_per_site = 10
+  return config
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that the type-locked config cannot; messages name the key and the fix."""
   def fail(key, message):

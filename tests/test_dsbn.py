@@ -194,3 +194,12 @@ def test_dsbn_is_refused_for_episodic_methods(dataset):
   from medgen_jax import config as config_lib
   with pytest.raises(ValueError, match="model.norm"):
     config_lib.validate(tiny_config(dataset, **{"model.norm": "dsbn", "method": "mldg", "batch_size": 6}))
+
+
+def test_group_by_domain_round_trip():
+  from medgen_jax.models.domains import group_by_domain, ungroup_by_domain
+  domain = jnp.array([1, 0, 2, 0, 2, 1])
+  x = jnp.arange(6) * 10
+  grouped = group_by_domain(x, domain, 3)
+  np.testing.assert_array_equal(grouped, [[10, 30], [0, 50], [20, 40]])
+  np.testing.assert_array_equal(ungroup_by_domain(grouped, domain), x)

@@ -104,3 +104,24 @@ class DomainBatchNorm(nn.Module):
     add = select_domain(bias, domain) - select_domain(mean, domain) * mul
     y = x.astype(jnp.float32) * mul.reshape(shape) + add.reshape(shape)
     return y.astype(self.dtype)
+
+
+def group_by_domain(tree, domain, num_domains: int):
+  """Each leaf [B, ...] of a domain-balanced batch (B/K samples of each of the K domains, in
+  any order: the pooled sampler interleaves them) as [K, B/K, ...], row k = domain k's samples in
+  batch order. For per-domain branches (MS-Net's auxiliary decoders, UMMKD's per-modality
+  losses) that must see one domain's samples only; `ungroup_by_domain` puts rows back.
+  A batch that is not balanced is a caller error the shapes cannot show: the samplers guarantee
+  balance (data/sampler.py) and so does every device's shard (parallel.shard_batch)."""
+  order = jnp.argsort(domain, stable=True)
+  def group(x):
+    if x.shape[0] % num_domains:
+      raise ValueError(f"a batch of {x.shape[0]} cannot hold {num_domains} domains equally")
+    return jnp.take(x, order, axis=0).reshape((num_domains, x.shape[0] // num_domains) + x.shape[1:])
+  return jax.tree.map(group, tree)
+
+
+def ungroup_by_domain(tree, domain):
+  """The inverse of `group_by_domain`: [K, B/K, ...] -> [B, ...] in the batch's order."""
+  inverse = jnp.argsort(jnp.argsort(domain, stable=True))
+  return jax.tree.map(lambda x: jnp.take(x.reshape((-1,) + x.shape[2:]), inverse, axis=0), tree)
