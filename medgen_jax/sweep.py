@@ -40,6 +40,19 @@ its labels (`data.sites = (TARGET,)`) and is tested on the same target test case
 per direction like the talk's cardiac table: rows the configs in the order given, columns Dice
 (%) and ASD (mm) per structure and their mean over structures, on the target's test volumes,
 mean ± std over seeds; `DIR/sweep.csv` has every run × structure.
+
+Multi-site learning (`--multisite`): every config × seed with the config's own sites (no site
+held out; each site tested on its own test cases), as in the talk's MS-Net tables:
+
+    python -m medgen_jax.sweep --multisite --config configs/multisite/separate.py:quick \
+        --config configs/multisite/joint.py:quick --config configs/multisite/dsbn.py:quick \
+        --seeds 2 --workdir runs/multisite
+
+trains in `DIR/<config>/seed<k>`. The table: one row per method label, bias-field correction and
+intensity normalization (columns `BFC`, `Intensities`), columns per site and `Overall`, cells the
+mean ± std over the test volumes of every seed of the per-volume mean foreground Dice (%);
+`Separate` gets one row per site model over all sites (the cross-site matrix) and a `Separate`
+row made of each site's own model. `DIR/sweep.csv` has every run × volume.
 """
 
 from __future__ import annotations
@@ -250,6 +263,8 @@ def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
 
   if getattr(args, "uda", False):
     return plan_uda_runs(args)
+  if getattr(args, "multisite", False):
+    return plan_multisite_runs(args)
   plan, all_sites = [], []
   workdir = Path(args.workdir)
   for spec in args.config:
@@ -377,6 +392,86 @@ def uda_table(rows: dict, class_names: list[str], seeds: int) -> str:
   return "\n".join(lines)
 
 
+def plan_multisite_runs(args) -> tuple[list[PlannedRun], list[str]]:
+  """--multisite: every config × seed with the config's sites, nothing held out beyond the
+  config's own `data.held_out`; `site` is unused ('')."""
+  from medgen_jax import config as config_lib  # imports JAX; keep `--help` fast
+
+  plan, all_sites = [], []
+  workdir = Path(args.workdir)
+  for spec in args.config:
+    base = load_config(spec, args.set)
+    all_sites += [s for s in sites_of(base) if s not in all_sites and s not in base.data.held_out]
+    for seed in range(args.seeds):
+      config = load_config(spec, args.set)
+      with config.unlocked():
+        config.seed = seed
+        config.progress_bar = False
+      try:
+        config_lib.validate(config)
+      except (ValueError, TypeError) as e:
+        raise SweepConfigError(f"--config {spec}: {_one_line(e)}") from None
+      plan.append(PlannedRun(spec, "", seed, config, workdir / config_name(spec) / f"seed{seed}"))
+  return plan, all_sites
+
+
+def multisite_rows(finished) -> dict:
+  """finished: [(run, records)] -> {(method, BFC, intensities): {site: [per-volume Dice %]}}, with
+  a `Separate` row of each site's own model next to the `Separate (X)` rows."""
+  rows: dict[tuple, dict[str, list]] = {}
+  for run, records in finished:
+    bfc = "✓" if run.config.data.bias_correction != "none" else "✗"
+    intensities = run.config.data.normalization.name
+    for r in records:
+      dice = float(np.mean(r["dice"])) * 100
+      rows.setdefault((r["method"], bfc, intensities), {}).setdefault(r["site"], []).append(dice)
+      if r["method"] == f"Separate ({r['site']})":
+        rows.setdefault(("Separate", bfc, intensities), {}).setdefault(r["site"], []).append(dice)
+  return rows
+
+
+def multisite_table(rows: dict, sites: list[str]) -> str:
+  header = ["Method", "BFC", "Intensities"] + [f"Site {s}" for s in sites] + ["Overall"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for (method, bfc, intensities), per_site in rows.items():
+    cells = [method, bfc, intensities] + [_cell(per_site.get(s, []), 0) for s in sites]
+    cells.append(_cell([d for s in sites for d in per_site.get(s, [])], 0))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def write_multisite_report(args, plan, sites, finished, failed) -> int:
+  workdir = Path(args.workdir)
+  seeds_done = {}
+  for run, _ in finished:
+    seeds_done.setdefault(config_name(run.spec), set()).add(run.seed)
+  notes = [f"each site's own test volumes; cells: per-volume mean foreground Dice (%), mean ± std over the "
+           f"test volumes of every finished seed ({args.seeds} asked; "
+           + ", ".join(f"{name}: {len(s)}" for name, s in seeds_done.items()) + ")",
+           "BFC: bias-field correction (data.bias_correction); Intensities: data.normalization.name",
+           f"model selection: {'; '.join(SELECTION_RULES[s] for s in sorted({r.config.eval.selection for r in plan}))}"]
+  if failed:
+    notes.append(f"FAILED, not in the table ({len(failed)}): " +
+                 "; ".join(f"{run.run_dir.relative_to(workdir)} ({why})" for run, why in failed))
+  if not finished:
+    print("error: no run finished, so no table was written", file=sys.stderr)
+    return 1
+  csv_rows = [["config", "method", "bias_correction", "normalization", "seed", "site", "case", "dice"]]
+  for run, records in finished:
+    for r in records:
+      csv_rows.append([config_name(run.spec), r["method"], run.config.data.bias_correction,
+                       run.config.data.normalization.name, run.seed, r["site"], r["case"],
+                       f"{float(np.mean(r['dice'])) * 100:.4f}"])
+  markdown = ("# Multi-site sweep\n\n" + "".join(f"- {n}\n" for n in notes) + "\n"
+              + multisite_table(multisite_rows(finished), sites) + "\n")
+  if not write_tables(workdir, markdown, csv_rows):
+    return 1
+  if failed:
+    print(f"error: {len(failed)} of {len(plan)} run(s) failed (listed above)", file=sys.stderr)
+    return 1
+  return 0
+
+
 def write_uda_report(args, plan, finished, failed) -> int:
   """finished: [(run, method label, records)] -> DIR/sweep.md (a table per direction) and sweep.csv."""
   workdir = Path(args.workdir)
@@ -437,11 +532,16 @@ def main(argv=None) -> int:
                       help="override applied to every config, e.g. num_steps=300 or data.sites=A,B,C")
   parser.add_argument("--uda", action="store_true",
                       help="unsupervised domain adaptation: source -> target directions instead of held-out sites")
+  parser.add_argument("--multisite", action="store_true",
+                      help="multi-site learning: every config x seed on its own sites (no site held out)")
   parser.add_argument("--directions", default="all",
                       help="with --uda: SOURCE:TARGET pairs, comma-separated (default: every ordered pair)")
   args = parser.parse_args(argv)
   if args.seeds < 1:
     print(f"error: --seeds {args.seeds}: must be >= 1", file=sys.stderr)
+    return 2
+  if args.uda and args.multisite:
+    print("error: --uda and --multisite: choose one setting", file=sys.stderr)
     return 2
   workdir = Path(args.workdir)
   try:
@@ -462,10 +562,10 @@ def main(argv=None) -> int:
     return 1
 
   from medgen_jax import train_lib  # imports JAX; keep `--help` fast
-  finished, failed, uda_finished = [], [], []
+  finished, failed, uda_finished, multisite_finished = [], [], [], []
   for run in plan:
     name = config_name(run.spec)
-    what = run.site.replace("_to_", " -> ") if args.uda else f"held out {run.site}"
+    what = run.site.replace("_to_", " -> ") if args.uda else ("all sites" if args.multisite else f"held out {run.site}")
     print(f"[sweep] {name}: {what}, seed {run.seed} -> {run.run_dir}", flush=True)
     try:
       records = run_one(run.config, run.run_dir)
@@ -478,6 +578,9 @@ def main(argv=None) -> int:
       print(f"error: run {run.run_dir} failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr,
             flush=True)
       continue
+    if args.multisite:
+      multisite_finished.append((run, records))
+      continue
     if args.uda:
       for method in dict.fromkeys(r["method"] for r in records):
         uda_finished.append((run, method, [r for r in records if r["method"] == method]))
@@ -488,6 +591,8 @@ def main(argv=None) -> int:
 
   if args.uda:
     return write_uda_report(args, plan, uda_finished, failed)
+  if args.multisite:
+    return write_multisite_report(args, plan, all_sites, multisite_finished, failed)
   configs_of, held_of = {}, {}
   for name, method, *_ in finished:
     configs_of.setdefault(method, set()).add(name)

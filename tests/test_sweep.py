@@ -297,3 +297,35 @@ def test_config_keys_added_after_a_run_count_as_equal_only_at_their_default():
   saved["num_steps"] = current["num_steps"]
   saved["removed_option"] = 1
   assert runs.config_differences(saved, current) == ["removed_option"]
+
+
+def test_multisite_table_per_site_and_overall_over_volumes(tmp_path, tiny_setup, monkeypatch):
+  """--multisite: config × seed, nothing held out; cells = mean ± std over the test volumes of
+  every seed (per-volume mean foreground Dice); a Separate row of each site's own model."""
+  _, config_file = tiny_setup
+  seen = []
+
+  def fake_train(config, workdir):
+    seen.append((tuple(config.data.held_out), config.seed, config.data.normalization.name))
+    base = 0.5 + 0.1 * config.seed
+    records = [{"method": "Joint", "site": s, "case": f"{s}{j}", "role": "in-domain",
+                "dice": [base + 0.1 * j, base + 0.1 * j]} for s in ("A", "B") for j in range(2)]
+    records += [{"method": f"Separate ({s})", "site": t, "case": f"{t}0", "role": "",
+                 "dice": [0.9 if s == t else 0.2, 0.9 if s == t else 0.4]} for s in ("A", "B") for t in ("A", "B")]
+    return {"records": records}
+
+  monkeypatch.setattr(train_lib, "train_and_evaluate", fake_train)
+  workdir = tmp_path / "m"
+  assert sweep.main(["--multisite", "--config", str(config_file), "--seeds", "2", "--workdir", str(workdir),
+                     "--set", "data.sites=A,B", "--set", "data.held_out=()"]) == 0
+  assert seen == [((), 0, "whitening"), ((), 1, "whitening")]
+  table = (workdir / "sweep.md").read_text()
+  # Joint at A: volumes 50, 60 (seed 0) and 60, 70 (seed 1): mean 60, population std sqrt(50) = 7.07
+  assert "| Method | BFC | Intensities | Site A | Site B | Overall |" in table
+  assert "| Joint | ✗ | whitening | 60.00 ± 7.07 | 60.00 ± 7.07 | 60.00 ± 7.07 |" in table
+  assert "| Separate (A) | ✗ | whitening | 90.00 ± 0.00 | 30.00 ± 0.00 | 60.00 ± 30.00 |" in table
+  assert "| Separate | ✗ | whitening | 90.00 ± 0.00 | 90.00 ± 0.00 | 90.00 ± 0.00 |" in table
+  rows = (workdir / "sweep.csv").read_text().splitlines()
+  assert rows[0] == "config,method,bias_correction,normalization,seed,site,case,dice"
+  assert len(rows) == 1 + 2 * 8
+  assert sweep.main(["--multisite", "--uda", "--config", str(config_file), "--workdir", str(workdir)]) == 2

@@ -158,8 +158,10 @@ def eval_network(config, info):
 def label(config, sources) -> str:
   if config.method == "separate":
     base = f"Separate ({sources[0]})"
-  else:
-    base = "DSBN" if uses_domains(config) else LABEL
+  elif uses_domains(config):
+    base = "DSBN"
+  else:  # the multi-site tables call one model on every site "Joint"; DG tables "DeepAll"
+    base = LABEL if config.data.held_out else "Joint"
   return base + (" + BigAug" if config.augment.enabled else "")
 
 
