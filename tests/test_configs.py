@@ -99,3 +99,18 @@ def test_settings_that_would_be_ignored_are_refused():
     config_lib.validate(config)
   config.meta.task_learning_rate = 0.0
   config_lib.validate(config)
+
+
+def test_multisite_configs_validate_at_every_size():
+  for path in sorted((CONFIG_DIR / "multisite").glob("*.py")):
+    get_config = runpy.run_path(str(path))["get_config"]
+    args = (["quick,none", "quick,histogram,n4", "full,scaled", "prostate6,whitening"]
+            if path.stem == "normalization" else [None, "quick", "prostate6"])
+    for arg in args:
+      config = get_config(arg)
+      config_lib.validate(config)
+      assert config.data.held_out == (), (path.name, arg)
+      assert config.batch_size % 6 == 0, (path.name, arg)   # domain-balanced over six sites
+  bad = runpy.run_path(str(CONFIG_DIR / "multisite" / "normalization.py"))["get_config"]
+  with pytest.raises(ValueError, match="SIZE,INTENSITIES"):
+    bad("quick,zscore")
