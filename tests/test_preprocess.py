@@ -45,5 +45,5 @@ def test_context_offsets_and_bias_hook():
     context_offsets(2)
   x = np.ones(3)
   assert correct_bias_field(x, method="none") is x
-  with pytest.raises(DataError, match="data.bias_correction='n4'"):
-    correct_bias_field(x, method="n4")
+  with pytest.raises(DataError, match="data.bias_correction='n3'"):
+    correct_bias_field(x, method="n3")

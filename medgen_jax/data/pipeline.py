@@ -51,6 +51,7 @@ from medgen_jax.data.errors import DataError
 from medgen_jax.data.layouts import DatasetInfo
 from medgen_jax.data.loading import Case, load_dataset
 from medgen_jax.data.normalize import Normalizer, make_normalizer
+from medgen_jax.data.preprocess import correct_bias_field
 from medgen_jax.data.sampler import SliceCache, build_slice_cache
 from medgen_jax.data.splits import (check_same_cases, check_splits_match_cases, load_splits,
                                     make_splits, protocol_cases)
@@ -73,7 +74,12 @@ def default_data_config() -> ml_collections.ConfigDict:
       {"if_missing": True, "benchmark": "brain-sites", "sites": 4, "cases_per_site": 6, "seed": 0})
   c.split_file = ""            # '' = make one from `split` and save it as <workdir>/splits.json
   c.split = ml_collections.ConfigDict({"val_fraction": 0.2, "test_fraction": 0.2, "seed": 0})
-  c.bias_correction = "none"
+  c.bias_correction = "none"   # none | n4 (SimpleITK: pip install 'medgen_jax[n4]')
+  # N4 options (data/bias_field.py; used when bias_correction='n4'). cache_dir '' =
+  # ~/.cache/medgen_jax/n4: each volume is corrected once, keyed by its bytes and these options.
+  c.n4 = ml_collections.ConfigDict({
+      "shrink_factor": 4, "iterations": (50, 50, 30, 20), "convergence_threshold": 0.001,
+      "mask": "otsu", "cache_dir": ""})
   c.normalization = ml_collections.ConfigDict({
       "name": "whitening", "foreground": "none",
       "clip_percentiles": ml_collections.FieldReference(None, field_type=tuple),
@@ -225,7 +231,11 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
   if run_normalizer is not None and run_normalizer.is_file():
     normalizer = load_run_normalizer(run_normalizer, config.normalization)
   else:
-    fit_pairs = [(site, c.image) for site, site_cases in fit_cases.items() for c in site_cases]
+    # Fitted on what it will be applied to: the bias-corrected volumes (N4 is cached per volume,
+    # so the slice caches below reuse these corrections).
+    fit_pairs = [(site, correct_bias_field(c.image, method=config.bias_correction, spacing=c.spacing,
+                                           options=config.get("n4")))
+                 for site, site_cases in fit_cases.items() for c in site_cases]
     normalizer = normalizer.fit([image for _, image in fit_pairs],
                                 sites=[site for site, _ in fit_pairs])
   train = None
@@ -234,7 +244,8 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
                               in_plane_shape=tuple(config.in_plane_shape), domain_ids=domain_ids,
                               in_plane_spacing=tuple(config.in_plane_spacing) or None,
                               context_slices=config.context_slices, cache_dtype=config.cache_dtype,
-                              slices=config.slices, bias_correction=config.bias_correction)
+                              slices=config.slices, bias_correction=config.bias_correction,
+                              bias_options=config.get("n4"))
   adapt = None
   if build_train and target_adaptation:
     adapt = build_slice_cache(cases["adapt"], normalizer=normalizer,
@@ -242,6 +253,7 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
                               in_plane_spacing=tuple(config.in_plane_spacing) or None,
                               context_slices=config.context_slices, cache_dtype=config.cache_dtype,
                               slices="nonempty", bias_correction=config.bias_correction,
+                              bias_options=config.get("n4"),
                               labelled=False)
   return PreparedData(info, sources, held_out, domain_ids, splits, protocol, normalizer, train, cases,
                       case_ids, adapt)

@@ -7,24 +7,42 @@ axial (`volume[:, :, k]` in RAS+). Each step is a pure function usable alone.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from medgen_jax.data.errors import DataError
 
-BIAS_CORRECTIONS = ("none",)
+BIAS_CORRECTIONS = ("none", "n4")
 
 
-def correct_bias_field(x: np.ndarray, *, method: str = "none") -> np.ndarray:
-  """Bias-field (intensity non-uniformity) correction hook; applied before normalization.
+def n4_options(options: Mapping | None) -> dict:
+  """The `data.n4` block (a dict or ConfigDict; None = defaults) as `n4_correct` keywords;
+  an unknown key is a DataError naming it."""
+  from medgen_jax.data.bias_field import N4_OPTIONS
+  options = {} if options is None else {k: options[k] for k in options}
+  unknown = sorted(set(options) - set(N4_OPTIONS))
+  if unknown:
+    raise DataError.single(f"data.n4.{unknown[0]}", "unknown N4 option", f"use only {', '.join(N4_OPTIONS)}")
+  if "iterations" in options:
+    options["iterations"] = tuple(options["iterations"])
+  return options
 
-  Only 'none' exists today; N4 (Tustison et al., IEEE TMI 2010) plugs in here as another
-  `method` so that every pipeline and config gains it at once.
+
+def correct_bias_field(x: np.ndarray, *, method: str = "none", spacing: Sequence[float] | None = None,
+                       options: Mapping | None = None) -> np.ndarray:
+  """Bias-field (intensity non-uniformity) correction; applied before normalization.
+
+  'none': x unchanged. 'n4': N4 (Tustison et al., IEEE TMI 29:1310, 2010) through SimpleITK,
+  cached per volume (medgen_jax.data.bias_field.n4_correct); `spacing` is the voxel size (mm) and
+  `options` the `data.n4` block (shrink_factor, iterations, convergence_threshold, mask, cache_dir).
   """
   if method == "none":
     return x
+  if method == "n4":
+    from medgen_jax.data.bias_field import n4_correct
+    return n4_correct(x, spacing=spacing, **n4_options(options))
   raise DataError.single(f"data.bias_correction={method!r}", "unknown bias-field correction",
                          f"use one of {', '.join(BIAS_CORRECTIONS)}")
 
@@ -66,11 +84,13 @@ def context_offsets(context_slices: int) -> np.ndarray:
 def preprocess_case(image: np.ndarray, label: np.ndarray, spacing: Sequence[float], *,
                     normalizer, in_plane_shape: Sequence[int],
                     in_plane_spacing: Sequence[float] | None = None,
-                    bias_correction: str = "none",
+                    bias_correction: str = "none", bias_options: Mapping | None = None,
                     site: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Returns (image, label) on the training grid: [H, W, Z] float32 and uint8. `site`: the
-  volume's site, passed to the normalizer (needed by per-site ones such as 'site_range')."""
-  image = normalizer(correct_bias_field(image, method=bias_correction), site=site)
+  volume's site, passed to the normalizer (needed by per-site ones such as 'site_range').
+  `bias_options`: the options of `bias_correction` (the `data.n4` block for 'n4')."""
+  image = correct_bias_field(image, method=bias_correction, spacing=spacing, options=bias_options)
+  image = normalizer(image, site=site)
   if in_plane_spacing:
     image = resample_inplane(image, spacing, in_plane_spacing, order=1)
     label = resample_inplane(label, spacing, in_plane_spacing, order=0)

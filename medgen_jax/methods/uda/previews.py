@@ -32,7 +32,8 @@ def _slices(case, config, normalizer, count: int):
   image, label = preprocess_case(case.image, case.label, case.spacing, normalizer=normalizer,
                                  in_plane_shape=tuple(data.in_plane_shape),
                                  in_plane_spacing=tuple(data.in_plane_spacing) or None,
-                                 bias_correction=data.bias_correction, site=case.site)
+                                 bias_correction=data.bias_correction, bias_options=data.get("n4"),
+                                 site=case.site)
   order = np.argsort(-(label > 0).sum(axis=(0, 1)), kind="stable")[:count]
   order = np.sort(order)
   stack = slice_stack(image, data.context_slices)
