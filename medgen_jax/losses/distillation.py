@@ -62,3 +62,28 @@ def class_alignment_loss(logits_a, onehot_a, logits_b, onehot_b, *, temperature:
   present = (count_a > 0) & (count_b > 0)
   per_class = jnp.where(present, 0.5 * (kl_ab + kl_ba), 0.0)
   return jnp.sum(per_class) / per_class.shape[0]
+
+
+def unmasked_kd_loss(logits_a, onehot_a, logits_b, onehot_b, *, temperature: float = 2.0,
+                     eps: float = 1e-6, axis_name: str | None = None):
+  """UMMKD's knowledge-distillation loss exactly as released (carrenD/ummkd `network.py::
+  _get_kd_cost`, methods.md §1.5): the same construction as `class_alignment_loss` but WITHOUT
+  the presence mask,
+
+      L = (1/C) Σ_c ½ [KL(q_c^(a) ‖ q_c^(b)) + KL(q_c^(b) ‖ q_c^(a))],   q_c = softmax(z̄_c / τ),
+      z̄_c = Σ_i y_ic z_i / (Σ_i y_ic + ε),  ε = 1e-6,
+
+  every class incl. background, divided by C. A class absent from one batch has z̄_c = 0 there,
+  i.e. a uniform q_c, towards which the KL pulls the other batch's class-c distribution (and a
+  class absent from both contributes 0): that is what the released code computes. KL from
+  log_softmax (finite for any logit gap; the released tf.log(q/q') is the same value where it is
+  finite). The talk's formula has no ½ (it writes the plain sum of the two KLs); the code's ½ is
+  used here."""
+  zbar_a, _ = classwise_mean_logits(logits_a, onehot_a, eps=eps, axis_name=axis_name)
+  zbar_b, _ = classwise_mean_logits(logits_b, onehot_b, eps=eps, axis_name=axis_name)
+  log_q_a = jax.nn.log_softmax(zbar_a / temperature, axis=-1)
+  log_q_b = jax.nn.log_softmax(zbar_b / temperature, axis=-1)
+  q_a, q_b = jnp.exp(log_q_a), jnp.exp(log_q_b)
+  kl_ab = jnp.sum(q_a * (log_q_a - log_q_b), axis=-1)
+  kl_ba = jnp.sum(q_b * (log_q_b - log_q_a), axis=-1)
+  return jnp.sum(0.5 * (kl_ab + kl_ba)) / kl_ab.shape[0]

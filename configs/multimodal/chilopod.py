@@ -1,0 +1,20 @@
+"""Chilopod (UMMKD without KD, the paper's ablation): the U-Net with every kernel shared and
+BatchNorm per modality, trained with the same per-modality CE + Dice loss as UMMKD and no KD
+term (ummkd.kd_weight=0). DeepAll with model.norm='dsbn' is the same network, but its Dice and
+class weights pool both modalities' pixels; this row keeps UMMKD's loss so that only the KD differs.
+
+    python -m medgen_jax.train --config configs/multimodal/chilopod.py:cardiac_quick --workdir runs/multimodal/chilopod
+
+Arguments as configs/multimodal/ummkd.py. Numbers: not measured yet.
+"""
+
+from medgen_jax.config import base_config, multimodal
+
+
+def get_config(arg=None):
+  config = base_config()
+  config.method = "ummkd"
+  config.model.norm = "dsbn"
+  config.ummkd.shared = "all"
+  config.ummkd.kd_weight = 0.0
+  return multimodal(config, arg)

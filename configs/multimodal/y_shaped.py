@@ -1,0 +1,20 @@
+"""Y-shaped (Valindria et al., WACV 2018; a baseline of UMMKD): an encoder per modality
+(down0..down{depth-1}, each run on its own modality's slices only), a shared bottleneck and
+decoder (one BatchNorm for all modalities, model.norm='batch'), no KD
+(models/multimodal.py, ummkd.shared='decoder', ummkd.kd_weight=0).
+
+    python -m medgen_jax.train --config configs/multimodal/y_shaped.py:cardiac_quick --workdir runs/multimodal/y_shaped
+
+Arguments as configs/multimodal/ummkd.py. Numbers: not measured yet.
+"""
+
+from medgen_jax.config import base_config, multimodal
+
+
+def get_config(arg=None):
+  config = base_config()
+  config.method = "ummkd"
+  config.model.norm = "batch"
+  config.ummkd.shared = "decoder"
+  config.ummkd.kd_weight = 0.0
+  return multimodal(config, arg)
