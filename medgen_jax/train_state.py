@@ -64,10 +64,14 @@ def make_model(model_config: ml_collections.ConfigDict, *, num_classes: int, dty
                bn_axis_name: str | None = None, num_domains: int = 1) -> UNet:
   if model_config.name != "unet":
     raise ValueError(f"unknown model {model_config.name!r} (config model.name); available: unet")
+  # Adapters / squeeze-and-excitation (models/adapters.py); .get: a run saved before these keys
+  # existed builds its model without them.
   return UNet(num_classes=num_classes, base_features=model_config.base_features,
               depth=model_config.depth, dropout=model_config.dropout, norm=model_config.norm,
               bn_axis_name=bn_axis_name, dtype=compute_dtype(dtype), fast_ops=model_config.fast_ops,
-              num_domains=num_domains)
+              num_domains=num_domains, adapter=model_config.get("adapter", "none"),
+              se=model_config.get("se", "none"), se_reduction=model_config.get("se_reduction", 8),
+              se_blocks=model_config.get("se_blocks", "encoder_decoder"))
 
 
 def make_schedule(opt: ml_collections.ConfigDict, *, num_steps: int):

@@ -122,7 +122,8 @@ def make_train_step(model, tx: optax.GradientTransformation, config, *, num_clas
 def segmenter(config, info, *, train: bool):
   """The U-Net of config.model; for training, its BatchNorm synchronized over the data-parallel
   axis when `config.bn_sync` (and the trainer pmaps the step). With domain-specific layers
-  (model.norm 'dsbn'), one parameter set per training site (info.domains)."""
+  (model.norm 'dsbn', model.adapter, model.se 'domain'), one parameter set per training site
+  (info.domains)."""
   sync = train and bn_synced(config, info)
   return make_model(config.model, num_classes=info.num_classes, dtype=config.dtype,
                     bn_axis_name=info.axis_name if sync else None,
@@ -130,8 +131,12 @@ def segmenter(config, info, *, train: bool):
 
 
 def uses_domains(config) -> bool:
-  """DSBN (model.norm='dsbn'): the network picks each slice's site's BatchNorm."""
-  return config.model.norm == "dsbn"
+  """The network has per-site layers picked by each slice's site: DSBN (model.norm='dsbn'),
+  residual adapters (model.adapter series | parallel) or per-site squeeze-and-excitation
+  (model.se='domain', USE-Net) (models/adapters.py)."""
+  model = config.model
+  return (model.norm == "dsbn" or model.get("adapter", "none") != "none"
+          or model.get("se", "none") == "domain")
 
 
 def bn_synced(config, info) -> bool:
@@ -158,11 +163,26 @@ def eval_network(config, info):
 def label(config, sources) -> str:
   if config.method == "separate":
     base = f"Separate ({sources[0]})"
-  elif uses_domains(config):
-    base = "DSBN"
+  elif architecture_label(config.model):
+    base = architecture_label(config.model)
   else:  # the multi-site tables call one model on every site "Joint"; DG tables "DeepAll"
     base = LABEL if config.data.held_out else "Joint"
   return base + (" + BigAug" if config.augment.enabled else "")
+
+
+def architecture_label(model) -> str:
+  """The table name of the domain-specific parts: 'Series-Adapter' / 'Parallel-Adapter' (with
+  DSBN, as in Rebuffi et al., where every BN is per domain; ' (shared BN)' otherwise), 'USE-Net'
+  (per-site SE; ' (shared SE)' for one SE set), joined by ' + '; 'DSBN' alone; '' for none."""
+  adapter, se = model.get("adapter", "none"), model.get("se", "none")
+  parts = []
+  if adapter != "none":
+    parts.append(f"{adapter.capitalize()}-Adapter" + ("" if model.norm == "dsbn" else " (shared BN)"))
+  if se != "none":
+    parts.append("USE-Net" + (" (shared SE)" if se == "shared" else ""))
+  if model.norm == "dsbn" and adapter == "none":
+    parts.append("DSBN")
+  return " + ".join(parts)
 
 
 def model_runs(config, sources):

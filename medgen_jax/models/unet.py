@@ -22,6 +22,11 @@ benchmark). Both variants have the same parameter tree except the head kernel ([
 * the 1×1 head as a Dense on the channel axis: a second-order gradient through a 1×1 conv lowers
   to a huge padded convolution on XLA:CPU (the meta-learning trap).
 
+Domain-specific options (models/adapters.py; off by default, the parameter tree then unchanged):
+residual adapters at every 3×3 conv (`adapter` 'series' | 'parallel', Rebuffi et al.) and
+squeeze-and-excitation after the blocks of `se_blocks` (`se` 'shared' | 'domain', USE-Net), each
+picked per sample by `domain` when per domain.
+
 Every derivative works with either variant, forward mode included (jax.jvp, jax.jacfwd,
 jax.hessian): conv_same is a pair of bilinear JAX primitives with their own transposes, not a
 custom_vjp (see models/ops.py).
@@ -33,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medgen_jax.models.adapters import ParallelAdapter, SeriesAdapter, SqueezeExcite, check_options
 from medgen_jax.models.norms import make_norm
 from medgen_jax.models.ops import check_odd_kernel, conv_same
 
@@ -92,23 +98,42 @@ def max_pool_2x2(x):
 
 
 class ConvBlock(nn.Module):
+  """2 × (3×3 conv → norm → ReLU). Optional domain-specific parts (models/adapters.py), absent
+  (and the parameter tree unchanged) with the defaults: a residual adapter after each 3×3 conv
+  (`adapter` 'series': `adapter{i}` in series on the conv output; 'parallel': a 1×1 conv of the
+  conv's input added to its output), and a squeeze-and-excitation block on the block's output
+  (`se` 'shared' | 'domain': `se`)."""
+
   features: int
   norm: str = "batch"
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   fast_ops: bool = True
   num_domains: int = 1
+  adapter: str = "none"             # none | series | parallel (Rebuffi et al.)
+  se: str = "none"                  # none | shared | domain (Hu et al.; USE-Net)
+  se_reduction: int = 8
 
   @nn.compact
   def __call__(self, x, *, train: bool, domain=None):
     norm = make_norm(self.norm, axis_name=self.bn_axis_name, num_domains=self.num_domains, dtype=self.dtype)
     for i in range(2):
+      inputs = x
       if self.fast_ops:
         x = ConvSame(self.features, dtype=self.dtype, name=f"conv{i}")(x)
       else:
         x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
                     param_dtype=jnp.float32, name=f"conv{i}")(x)
+      if self.adapter == "series":
+        x = SeriesAdapter(self.num_domains, axis_name=self.bn_axis_name, dtype=self.dtype,
+                          name=f"adapter{i}")(x, train=train, domain=domain)
+      elif self.adapter == "parallel":
+        x = x + ParallelAdapter(self.features, self.num_domains, dtype=self.dtype,
+                                name=f"adapter{i}")(inputs, domain=domain).astype(x.dtype)
       x = nn.relu(norm(name=f"norm{i}")(x, train=train, domain=domain))
+    if self.se != "none":
+      x = SqueezeExcite(self.num_domains, self.se_reduction, per_domain=self.se == "domain",
+                        dtype=self.dtype, name="se")(x, domain=domain)
     return x
 
 
@@ -122,6 +147,11 @@ class UNet(nn.Module):
   dtype: jnp.dtype = jnp.float32    # compute dtype; parameters stay float32
   fast_ops: bool = True
   num_domains: int = 1              # domain-specific layers (norm 'dsbn'): one set per domain
+  # Domain-specific parts on the shared U-Net (models/adapters.py); none with the defaults.
+  adapter: str = "none"             # none | series | parallel: a residual adapter at every 3×3 conv
+  se: str = "none"                  # none | shared | domain: squeeze-and-excitation (USE-Net)
+  se_reduction: int = 8             # SE reduction ratio r (hidden width C // r, at least 1)
+  se_blocks: str = "encoder_decoder"  # encoder (down*, bottleneck) | encoder_decoder (+ up*)
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, domain=None, return_features: bool = False,
@@ -135,8 +165,11 @@ class UNet(nn.Module):
     if x.shape[1] % 2 ** self.depth or x.shape[2] % 2 ** self.depth:
       raise ValueError(f"input {x.shape[1]}x{x.shape[2]} must be divisible by 2^depth = "
                        f"{2 ** self.depth} (config data.in_plane_shape / model.depth)")
+    check_options(adapter=self.adapter, se=self.se, se_reduction=self.se_reduction, se_blocks=self.se_blocks)
+    se_in = lambda name: self.se if (self.se_blocks == "encoder_decoder" or not name.startswith("up")) else "none"
     block = lambda f, name: ConvBlock(f, self.norm, self.bn_axis_name, self.dtype, self.fast_ops,
-                                      self.num_domains, name=name)
+                                      self.num_domains, adapter=self.adapter, se=se_in(name),
+                                      se_reduction=self.se_reduction, name=name)
     x = x.astype(self.dtype)
     skips, levels = [], {}
     for level in range(self.depth):
