@@ -294,6 +294,22 @@ def _train_loop(config, data, parts: RunParts, state, sampler, ckpts, *, name, s
 # --- The run ---------------------------------------------------------------------------------------
 
 
+def _check_domains(config, data: PreparedData, sources) -> None:
+  """A model with domain-specific layers: every site it will be tested on passes the unseen-site
+  policy; and each device's share of a batch holds every site equally where the step needs it:
+  per-device BatchNorm statistics (bn_sync False) or a method whose per-domain branches split each
+  shard by domain (its GROUPS_BY_DOMAIN, methods/base.py)."""
+  for site in sorted(data.cases["test"]):  # held-out sites, and other sites' models under Separate
+    domain_index(sources, site, policy=config.model.unseen_domain)
+  per_device = config.batch_size // jax.local_device_count()
+  splits = getattr(methods.get(config.method), "GROUPS_BY_DOMAIN", False)
+  if (splits or not config.bn_sync) and per_device % len(sources):
+    raise ValueError(f"config.batch_size={config.batch_size}: {per_device} slices per device do not hold "
+                     f"the {len(sources)} sites {sources} equally (domain-specific layers need every "
+                     f"device's shard balanced). Fix: make batch_size / {jax.local_device_count()} devices "
+                     f"a multiple of {len(sources)}")
+
+
 def _check_protocol(config, data: PreparedData) -> None:
   """Everything that can fail once the data is known, checked before the run claims its workdir:
   a selection rule the data cannot honour, samplers (batch size vs sites and episodes), the
@@ -302,8 +318,7 @@ def _check_protocol(config, data: PreparedData) -> None:
     make_sampler(config, data, sources)
     init_run_parts(config, data.num_classes, sources=sources, abstract=True)
     if methods.uses_domains(config):
-      for site in data.held_out:  # the unseen-site policy, before the run claims its workdir
-        domain_index(sources, site, policy=config.model.unseen_domain)
+      _check_domains(config, data, sources)
   if config.eval.selection == "val":
     for name, sources in methods.model_runs(config, data.sources):
       if not any(data.cases["val"].get(s) for s in sources):

@@ -13,6 +13,7 @@ import pytest
 from helpers import make_sites_dataset, tiny_config
 from medgen_jax import parallel, train_lib
 from medgen_jax.config import base_config
+from medgen_jax.data.pipeline import prepare_data
 from medgen_jax.evaluation import load_trained_models
 from medgen_jax.inference import predict_volume
 from medgen_jax.methods.base import domain_index
@@ -109,16 +110,20 @@ def test_select_domain():
 def test_pmapped_statistics_are_those_of_the_global_batch(dsbn_case):
   """2 devices whose shards hold different domain mixes: psum'd sums and counts give exactly the
   one-device statistics (a pmean of per-device means would not)."""
-  x, domain, v = dsbn_case
+  x, _, v = dsbn_case
+  # device 0 holds domains {0, 1}, device 1 {0, 2}: domain 1 is absent on device 1, which must
+  # still update its running statistics from the global batch
+  domain = np.array([0, 1, 0, 1, 2, 2, 0, 2], np.int32)
   module = DomainBatchNorm(4, axis_name="batch")
   fn = jax.pmap(lambda x, d: module.apply(v, x, train=True, domain=d, mutable=["batch_stats"]),
                 axis_name="batch")
   y, updates = fn(x.reshape(2, 4, *x.shape[1:]), domain.reshape(2, 4))
-  want, mean, _ = numpy_dsbn(x, domain, v["params"]["scale"], v["params"]["bias"],
-                             v["batch_stats"]["mean"], v["batch_stats"]["var"])
+  want, mean, var = numpy_dsbn(x, domain, v["params"]["scale"], v["params"]["bias"],
+                               v["batch_stats"]["mean"], v["batch_stats"]["var"])
   np.testing.assert_allclose(np.asarray(y).reshape(x.shape), want, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(updates["batch_stats"]["mean"][0], mean, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(updates["batch_stats"]["mean"][1], mean, rtol=1e-4, atol=1e-4)
+  for device in range(2):
+    np.testing.assert_allclose(updates["batch_stats"]["mean"][device], mean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(updates["batch_stats"]["var"][device], var, rtol=1e-4, atol=1e-3)
 
 
 def test_dsbn_train_step_pmapped_equals_one_device():
@@ -163,16 +168,22 @@ def dataset(tmp_path_factory):
 
 
 def test_dsbn_run_evaluates_each_site_with_its_own_bn(dataset, tmp_path):
-  config = tiny_config(dataset, **{"model.norm": "dsbn", "eval.selection": "last", "num_steps": 3})
+  # A held out, sources given as C, B: their dataset-wide ids are 2, 1, the model's domains 0, 1
+  config = tiny_config(dataset, **{"model.norm": "dsbn", "eval.selection": "last", "num_steps": 3,
+                                   "data.held_out": ("A",), "data.sites": ("C", "B")})
   train_lib.train_and_evaluate(config, tmp_path / "run")
   assert "| DSBN" in (tmp_path / "run" / "results.md").read_text()
   run_config, normalizer, (trained,) = load_trained_models(tmp_path / "run")
-  assert trained.sources == ["A", "B"] and trained.domain_policy == "average"
+  assert trained.sources == ["C", "B"] and trained.domain_policy == "average"
   predict_fn, domain_of = trained.predictor()
-  assert [domain_of(s) for s in ("A", "B", "C")] == [0, 1, UNSEEN]
+  assert [domain_of(s) for s in ("C", "B", "A")] == [0, 1, UNSEEN]
+  # the ids the model was trained with are the ids evaluation applies
+  data = prepare_data(run_config.data, run_dir=tmp_path / "run")
+  batch = train_lib.make_sampler(run_config, data, trained.sources).batch_at(0)
+  np.testing.assert_array_equal(batch["domain"], np.tile([domain_of("C"), domain_of("B")], 2))
   # Site B's prediction with domain 1 equals the prediction with domain 0 after swapping the two
   # domains' rows of every DSBN parameter and statistic: the id selects the row, nothing else.
-  volume = np.asarray(nib.load(str(dataset / "B" / "case0_image.nii.gz")).dataobj, np.float32)
+  volume = np.asarray(nib.load(str(dataset / "C" / "case0_image.nii.gz")).dataobj, np.float32)
   common = dict(normalizer=normalizer, data_config=run_config.data, batch_size=8)
   as_b = predict_volume(predict_fn, trained.variables, volume, (1.5, 1.5, 3.0), domain=1, **common)
   swapped = jax.tree.map(lambda a: np.asarray(a)[::-1] if np.ndim(a) == 2 and np.shape(a)[0] == 2 else a,
@@ -183,11 +194,16 @@ def test_dsbn_run_evaluates_each_site_with_its_own_bn(dataset, tmp_path):
   assert not np.array_equal(as_a, as_b)   # sensitivity: the two sites' BN give other labels
 
 
-def test_refuse_policy_stops_before_the_run_claims_its_workdir(dataset, tmp_path):
-  config = tiny_config(dataset, **{"model.norm": "dsbn", "model.unseen_domain": "refuse"})
-  with pytest.raises(ValueError, match="refuse"):
-    train_lib.train_and_evaluate(config, tmp_path / "run")
-  assert not (tmp_path / "run" / "config.json").exists()
+def test_refuse_policy_and_unbalanced_shards_stop_before_the_run_claims_its_workdir(dataset, tmp_path):
+  for overrides, message in [({"model.unseen_domain": "refuse"}, "refuse"),
+                             # Separate: each site's model is also tested on the other sites
+                             ({"model.unseen_domain": "refuse", "method": "separate", "data.held_out": ()}, "refuse"),
+                             # per-device BN statistics: 4 devices x 1 slice cannot hold 2 sites
+                             ({"bn_sync": False}, "balanced")]:
+    config = tiny_config(dataset, **{"model.norm": "dsbn", **overrides})
+    with pytest.raises(ValueError, match=message):
+      train_lib.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_dsbn_is_refused_for_episodic_methods(dataset):

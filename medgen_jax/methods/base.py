@@ -25,7 +25,9 @@ and optionally `label(config, sources)` (a richer table name), `model_runs(confi
 (the models one run trains: [(name, sources)], default one model on all sources; Separate
 trains one per site), `uses_domains(config)` (True: the evaluation network has domain-specific
 layers and is applied as `model.apply(variables, x, train=False, domain=ids)`, the ids from
-`domain_index`; default False), `validate(config)` (method-specific config checks, one clear error) and
+`domain_index`; default False), `GROUPS_BY_DOMAIN = True` (its step splits each device's shard
+into equal per-site groups, models/domains.group_by_domain: the trainer then refuses batches whose
+per-device share is not balanced), `validate(config)` (method-specific config checks, one clear error) and
 `write_figures(config, data, state, out_dir)` (figures drawn from a trained model's selected
 state, e.g. the translation methods' previews; the trainer calls it once per model, process 0).
 

@@ -61,6 +61,7 @@ from medgen_jax.train_state import TrainState, compute_dtype, create_train_state
 
 LABEL = "UMMKD"
 SAMPLER = "pooled"
+GROUPS_BY_DOMAIN = True   # per-modality losses split each device shard (trainer checks balance)
 NETWORKS = {"all": "Chilopod", "encoder": "Inverse-Y", "decoder": "Y-shaped", "middle": "X-shaped"}
 
 
