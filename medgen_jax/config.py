@@ -29,7 +29,14 @@ def base_config() -> ml_collections.ConfigDict:
       # Domain-specific layers (DSBN, adapters, MS-Net, UMMKD) at a site the model was not
       # trained on: 'average' = the mean of the trained domains' parameters and statistics;
       # 'refuse' = an error before training/prediction (models/domains.py).
-      "unseen_domain": "average"})
+      "unseen_domain": "average",
+      # Domain-specific parts on the shared U-Net, one set per training site (models/adapters.py;
+      # methods deepall/separate): adapter none | series | parallel = a residual adapter at every
+      # 3x3 conv (Rebuffi et al. 2017 / 2018; zero-initialized; use with norm 'dsbn'); se none |
+      # shared | domain = squeeze-and-excitation (Hu et al.) after every block of se_blocks
+      # (encoder | encoder_decoder: Enc / Enc-Dec USE-Net, Rundo et al.) with reduction ratio
+      # se_reduction; 'domain' = one SE per site (the talk's USE-Net row).
+      "adapter": "none", "se": "none", "se_reduction": 8, "se_blocks": "encoder_decoder"})
 
   c.loss = ml_collections.ConfigDict({
       "ce_weight": 1.0, "dice_weight": 1.0,
@@ -82,7 +89,23 @@ def base_config() -> ml_collections.ConfigDict:
       "compactness_weight": 1.0, "smoothness_weight": 0.005,
       "perimeter_scale": 0.01, "compactness_reduction": "sum",   # released code's details
       "metric_loss": "triplet", "margin": 10.0, "metric_lr": 1e-3, "metric_features": (24, 16)})
+  # MS-Net (methods/multisite/msnet.py; needs model.norm='dsbn'): shared DSBN encoder, one
+  # auxiliary decoder per site (Adam_T on Σ_k S(aux_k, y_k)) and the universal DSBN decoder
+  # (Adam_S on Σ_k gt_weight·S(univ_k, y_k) + transfer_weight·S(univ_k, argmax aux_k)), the
+  # student starting after `warmup_steps` teacher-only steps (released: 500).
+  c.msnet = ml_collections.ConfigDict({
+      "warmup_steps": 500, "gt_weight": 0.5, "transfer_weight": 0.5,
+      "eval_branch": "universal"})   # universal (deployed: "MS-Net") | auxiliary (site's own decoder)
   c.augment = default_augment_config()   # BigAug, any method
+  # UMMKD (methods/multisite/ummkd.py): per-modality CE + Dice, + kd_weight · KD on class-wise
+  # mean logits (T, symmetric KL, /C), one network whose `shared` part all modalities share:
+  # all = Chilopod (kernels shared; BN per modality with model.norm='dsbn') | decoder = Y-shaped |
+  # middle = X-shaped | encoder = inverse-Y (models/multimodal.py).
+  c.ummkd = ml_collections.ConfigDict({
+      "kd_weight": 0.5, "temperature": 2.0,
+      "kd_class_mask": False,     # True: classes absent from either modality's batch add 0 (MASF's
+                                  # mask); False: the released loss, every class incl. absent ones
+      "shared": "all"})
 
   # Unsupervised domain adaptation (methods/uda/*.py): the target is data.held_out, whose
   # train+val cases are seen WITHOUT labels when data.target_adaptation=True. Discriminator /
@@ -271,6 +294,37 @@ def multisite(config: ml_collections.ConfigDict, arg: str | None = None, *,
   return config
 
 
+MULTIMODAL_MODALITIES = {"cardiac": ("MR", "CT"), "brain": ("T1", "T2", "CT")}
+
+
+def multimodal(config: ml_collections.ConfigDict, arg: str | None = None, *, num_steps: int = 20_000,
+               quick_steps: int = 600) -> ml_collections.ConfigDict:
+  """Unpaired multi-modal learning, the setting of UMMKD (Dou, Liu et al., TMI 2020) and its
+  baselines (`configs/multimodal/*.py`): every modality of a cross-modality benchmark is a
+  LABELLED source (data.held_out=(), no adaptation data), each tested on its own test cases.
+
+  `arg`: cardiac_quick | brain_quick | cardiac | brain (None = cardiac): cardiac-phantom MR + CT
+  or brain-modalities T1 + T2 + CT, at the sizes of `uda_benchmark` (same data, splits and
+  normalization as configs/uda/*.py; last checkpoint). Batch: 8 slices per modality (the
+  released 8 MR + 8 CT; brain_quick 4 per modality), so method 'separate' trains each modality's
+  network on batches of that per-modality size. Full size: the released schedule (Adam 1e-3
+  x0.95 every 1000 steps), `num_steps`; quick: cosine over `quick_steps`."""
+  if arg not in (None, "cardiac", "cardiac_quick", "brain", "brain_quick"):
+    raise ValueError(f"config argument {arg!r}: use cardiac_quick, brain_quick, cardiac or brain")
+  name = "brain" if arg and arg.startswith("brain") else "cardiac"
+  quick = bool(arg) and arg.endswith("quick")
+  uda_benchmark(config, arg, method=config.method, num_steps=num_steps, quick_steps=quick_steps)
+  modalities = MULTIMODAL_MODALITIES[name]
+  config.data.sites, config.data.held_out, config.data.target_adaptation = modalities, (), False
+  per_modality = 4 if quick and name == "brain" else 8
+  config.batch_size = per_modality if config.method == "separate" else per_modality * len(modalities)
+  if not quick:
+    config.optimizer.schedule = "exponential"
+    config.optimizer.decay_steps = 1000
+    config.optimizer.decay_rate = 0.95
+  return config
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that the type-locked config cannot; messages name the key and the fix."""
   def fail(key, message):
@@ -298,6 +352,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("model.norm", f"'dsbn' (per-site BatchNorm picked by each slice's site) needs the pooled "
          f"sampler's per-model domain ids; method {config.method!r} draws {module.SAMPLER!r} batches: "
          "use 'batch'")
+  adapters = {"model.adapter": (config.model.adapter, ("none", "series", "parallel")),
+              "model.se": (config.model.se, ("none", "shared", "domain")),
+              "model.se_blocks": (config.model.se_blocks, ("encoder", "encoder_decoder"))}
+  for key, (value, choices) in adapters.items():
+    if value not in choices:
+      fail(key, f"unknown value {value!r}; use one of {' | '.join(choices)}")
+  if config.model.se_reduction < 1:
+    fail("model.se_reduction", "the SE reduction ratio must be >= 1")
+  if ((config.model.adapter != "none" or config.model.se != "none")
+      and config.method not in ("deepall", "separate")):
+    fail("model.adapter" if config.model.adapter != "none" else "model.se",
+         f"adapters and squeeze-and-excitation (models/adapters.py) are built by the DeepAll/Separate "
+         f"U-Net only; method {config.method!r} would ignore or misuse them: set model.adapter='none' "
+         "and model.se='none', or use method 'deepall'")
   if config.meta.optimizers not in ("summed", "released"):
     fail("meta.optimizers", f"unknown mode {config.meta.optimizers!r}; use summed | released")
   if config.meta.optimizers == "released" and config.method not in ("masf", "saml"):

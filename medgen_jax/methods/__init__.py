@@ -12,6 +12,8 @@ from medgen_jax.methods.uda import dann, source_only, supervised_target
 from medgen_jax.methods.uda import adaoutput
 from medgen_jax.methods.uda import adda, pnp_adanet
 from medgen_jax.methods.uda import cycada, cyclegan, seuda, sifa
+from medgen_jax.methods.multisite import msnet
+from medgen_jax.methods.multisite import ummkd
 
 MODULES = {
     # supervised and domain generalization
@@ -21,6 +23,10 @@ MODULES = {
     "adaoutput": adaoutput,
     "adda": adda, "pnp_adanet": pnp_adanet,
     "cyclegan": cyclegan, "seuda": seuda, "cycada": cycada, "sifa": sifa,
+    # supervised multi-site (methods/multisite/)
+    "msnet": msnet,
+    # supervised multi-modal (methods/multisite/)
+    "ummkd": ummkd,
 }
 
 

@@ -88,6 +88,7 @@ from medgen_jax.train_state import TrainState, compute_dtype, create_train_state
 
 LABEL = "MS-Net"
 SAMPLER = "pooled"
+GROUPS_BY_DOMAIN = True   # per-site teachers split each device shard (trainer checks balance)
 
 
 def label(config, sources) -> str:
