@@ -425,9 +425,15 @@ def multisite_rows(finished) -> dict:
     for r in records:
       dice = float(np.mean(r["dice"])) * 100
       rows.setdefault((r["method"], bfc, intensities), {}).setdefault(r["site"], []).append(dice)
-      if r["method"] == f"Separate ({r['site']})":
-        rows.setdefault(("Separate", bfc, intensities), {}).setdefault(r["site"], []).append(dice)
-  return rows
+  for (method, bfc, intensities), per_site in list(rows.items()):
+    if method == f"Separate ({method[10:-1]})" and method[10:-1] in per_site:
+      own = rows.setdefault(("Separate", bfc, intensities), {})
+      own[method[10:-1]] = per_site[method[10:-1]]
+  # the talk's order: the per-site models, their own-site row, then the methods as configured
+  def position(key):
+    method = key[0]
+    return 0 if method.startswith("Separate (") else 1 if method == "Separate" else 2
+  return dict(sorted(rows.items(), key=lambda item: position(item[0])))
 
 
 def multisite_table(rows: dict, sites: list[str]) -> str:

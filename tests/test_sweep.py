@@ -325,6 +325,8 @@ def test_multisite_table_per_site_and_overall_over_volumes(tmp_path, tiny_setup,
   assert "| Joint | ✗ | whitening | 60.00 ± 7.07 | 60.00 ± 7.07 | 60.00 ± 7.07 |" in table
   assert "| Separate (A) | ✗ | whitening | 90.00 ± 0.00 | 30.00 ± 0.00 | 60.00 ± 30.00 |" in table
   assert "| Separate | ✗ | whitening | 90.00 ± 0.00 | 90.00 ± 0.00 | 90.00 ± 0.00 |" in table
+  # the talk's order: per-site models, then their own-site row, then the other methods
+  assert table.index("| Separate (B)") < table.index("| Separate |") < table.index("| Joint |")
   rows = (workdir / "sweep.csv").read_text().splitlines()
   assert rows[0] == "config,method,bias_correction,normalization,seed,site,case,dice"
   assert len(rows) == 1 + 2 * 8
