@@ -19,6 +19,13 @@ generator/discriminator sizes). GPU command (batch 8 + 8 of 256², both dtypes):
     python benchmarks/train_step.py --methods source_only,cyclegan,sifa --configs 8x256 \
         --dtypes float32,bfloat16 --variants fast --gan-size full --data-root data/brain-sites
 
+With --methods dsbn,series_adapter,parallel_adapter,usenet,msnet,ummkd the supervised
+multi-site steps (DSBN, adapters, USE-Net: DeepAll with domain-specific layers; MS-Net's full
+step: teacher update then student update; UMMKD with two sites as modalities) are timed on the
+same pooled batch over the sources, each line gaining `ratio_to_deepall`:
+    python benchmarks/train_step.py --methods deepall,dsbn,series_adapter,parallel_adapter,usenet,msnet,ummkd \
+        --configs 12x80 --variants fast
+
 With --methods, the meta-learning steps (MLDG, MASF, SAML; second order and, as order 1,
 first order) are timed on the same total batch as DeepAll (meta-train 2 domains + meta-test 1,
 batch/3 slices each), and each line gains `order` and `ratio_to_deepall` (same variant/size).
@@ -58,6 +65,13 @@ from medgen_jax.data.pipeline import prepare_data  # noqa: E402
 
 PHASES = {"adda": 2, "pnp_adanet": 3, "seuda": 2, "cycada": 2}   # methods whose step is methods/base.Phases: how many
 TRANSLATION = ("cyclegan", "seuda", "cycada", "sifa")   # images in [-1, 1]; networks sized by --gan-size
+# Multi-site rows: name -> (method, config overrides); MS-Net timed after its warm-up (full step).
+MULTISITE = {"dsbn": ("deepall", {"model.norm": "dsbn"}),
+             "series_adapter": ("deepall", {"model.norm": "dsbn", "model.adapter": "series"}),
+             "parallel_adapter": ("deepall", {"model.norm": "dsbn", "model.adapter": "parallel"}),
+             "usenet": ("deepall", {"model.se": "domain"}),
+             "msnet": ("msnet", {"model.norm": "dsbn"}),
+             "ummkd": ("ummkd", {"model.norm": "dsbn"})}
 
 
 def peak_memory_mb() -> float:
@@ -81,6 +95,11 @@ def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, st
     if gan_size == "quick":
       config = image_translation(config, "quick")
       config.sifa.encoder_features, config.sifa.decoder_features, config.sifa.decoder_blocks = 4, 8, 2
+  name = method
+  method, overrides = MULTISITE.get(name, (name, {}))
+  for key, value in overrides.items():
+    group, field = key.split(".")
+    config[group][field] = value
   config.method = method
   config.meta.first_order = first_order
   config.data.root = data_root
@@ -101,8 +120,11 @@ def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, st
   if methods.get(method).SAMPLER != "episodic":
     while batch % len(sources):
       sources = sources[:-1]
+  if method == "ummkd":   # two of the sites as the modalities
+    sources = sources[:2]
   sampler = train_lib.make_sampler(config, data, sources)
-  parts = train_lib.init_run_parts(config, data.num_classes)  # the method's own networks and step
+  # the method's own networks and step, one set of domain-specific parts per source
+  parts = train_lib.init_run_parts(config, data.num_classes, sources=sources)
   step_fn = parts.step
   if isinstance(step_fn, Phases):  # time one phase: `phase` (default: the last, the adaptation)
     step_fn = step_fn.steps[len(step_fn.steps) - 1 if phase is None else phase]
@@ -135,7 +157,7 @@ def measure(batch: int, size: int, dtype: str, fast: bool, *, data_root: str, st
     state, metrics = runner.step(state, host_batch, key)
     float(metrics["loss"])
   total = time.perf_counter() - start
-  result = {"name": method, "variant": "fast" if fast else "plain", "batch": batch, "size": size,
+  result = {"name": name, "variant": "fast" if fast else "plain", "batch": batch, "size": size,
             "dtype": dtype, "devices": runner.num_devices, "backend": jax.default_backend(),
             "step_ms": round(step_s * 1000, 2), "slices_per_s": round(batch / step_s, 2),
             "compile_s": round(compile_s, 2), "peak_mem_mb": round(peak_memory_mb(), 1),
@@ -151,7 +173,7 @@ def main() -> int:
   parser.add_argument("--configs", default="8x128,32x256", help="batch x size, comma-separated")
   parser.add_argument("--dtypes", default="float32")
   parser.add_argument("--variants", default="fast,plain")
-  parser.add_argument("--methods", default="deepall", help="deepall,mldg,masf,saml")
+  parser.add_argument("--methods", default="deepall", help="deepall,mldg,masf,saml, the adaptation methods, or the multi-site rows dsbn,series_adapter,parallel_adapter,usenet,msnet,ummkd")
   parser.add_argument("--orders", default="2,1", help="meta-gradient orders for mldg/masf/saml")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=3)
@@ -165,7 +187,7 @@ def main() -> int:
       for variant in args.variants.split(","):
         deepall_ms = source_only_ms = cyclegan_ms = None
         for method in args.methods.split(","):
-          kind = methods.get(method).SAMPLER
+          kind = methods.get(MULTISITE.get(method, (method,))[0]).SAMPLER
           orders = [int(o) for o in args.orders.split(",")] if kind == "episodic" else [2]
           runs = [(order, None) for order in orders]
           if method in PHASES:
@@ -186,7 +208,7 @@ def main() -> int:
               cyclegan_ms = r["step_ms"]
             elif method == "sifa" and cyclegan_ms:
               r["ratio_to_cyclegan"] = round(r["step_ms"] / cyclegan_ms, 2)
-            elif methods.get(method).SAMPLER == "source_target" and source_only_ms:
+            elif kind == "source_target" and source_only_ms:
               r["ratio_to_source_only"] = round(r["step_ms"] / source_only_ms, 2)
             elif deepall_ms:
               r["ratio_to_deepall"] = round(r["step_ms"] / deepall_ms, 2)
