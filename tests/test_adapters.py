@@ -1,6 +1,8 @@
 """Residual adapters (series, parallel; Rebuffi et al.) and per-site squeeze-and-excitation
-(USE-Net) on the shared U-Net, against numpy computations written from the papers' equations,
-hand parameter counts, the shared U-Net itself (zero-initialized adapters), and a DeepAll step."""
+(USE-Net) on the shared U-Net, against numpy computations written from the papers' equations
+(the adapters' place relative to the block's norm included), the default U-Net's parameter tree
+written by hand, hand parameter counts, the shared U-Net itself (zero-initialized adapters), and a
+DeepAll step."""
 
 from __future__ import annotations
 
@@ -117,20 +119,80 @@ def np_se(x, d, w1, w2):
 # --- The default U-Net is unchanged -------------------------------------------------------------
 
 
-def test_default_model_has_exactly_the_old_parameter_tree():
+# The default U-Net's variables, written by hand from the architecture (models/unet.py) for
+# base_features 4, depth 2, 1 input channel, CLASSES = 3 classes and model.norm 'batch': blocks
+# down0 (1 -> 4), down1 (4 -> 8), bottleneck (8 -> 16), up1 (8 up-sampled + 8 skip -> 8), up0
+# (4 + 4 -> 4), each 2 x (3x3 conv kernel [3, 3, C_in, F] without bias -> norm{i} with flax's
+# BatchNorm 'bn' scale/bias [F] and running mean/var [F]); 2x2 transposed convs upconv1 (16 -> 8),
+# upconv0 (8 -> 4) with bias; the 1x1 head 4 -> 3 (a Dense [4, 3] with fast_ops, else a 1x1 conv
+# [1, 1, 4, 3]). norm 'dsbn' with K domains: 'dsbn' instead of 'bn', every scale/bias/mean/var [K, F].
+DEFAULT_PARAMS = {
+    "down0/conv0/kernel": (3, 3, 1, 4), "down0/conv1/kernel": (3, 3, 4, 4),
+    "down0/norm0/bn/scale": (4,), "down0/norm0/bn/bias": (4,),
+    "down0/norm1/bn/scale": (4,), "down0/norm1/bn/bias": (4,),
+    "down1/conv0/kernel": (3, 3, 4, 8), "down1/conv1/kernel": (3, 3, 8, 8),
+    "down1/norm0/bn/scale": (8,), "down1/norm0/bn/bias": (8,),
+    "down1/norm1/bn/scale": (8,), "down1/norm1/bn/bias": (8,),
+    "bottleneck/conv0/kernel": (3, 3, 8, 16), "bottleneck/conv1/kernel": (3, 3, 16, 16),
+    "bottleneck/norm0/bn/scale": (16,), "bottleneck/norm0/bn/bias": (16,),
+    "bottleneck/norm1/bn/scale": (16,), "bottleneck/norm1/bn/bias": (16,),
+    "upconv1/kernel": (2, 2, 16, 8), "upconv1/bias": (8,),
+    "up1/conv0/kernel": (3, 3, 16, 8), "up1/conv1/kernel": (3, 3, 8, 8),
+    "up1/norm0/bn/scale": (8,), "up1/norm0/bn/bias": (8,),
+    "up1/norm1/bn/scale": (8,), "up1/norm1/bn/bias": (8,),
+    "upconv0/kernel": (2, 2, 8, 4), "upconv0/bias": (4,),
+    "up0/conv0/kernel": (3, 3, 8, 4), "up0/conv1/kernel": (3, 3, 4, 4),
+    "up0/norm0/bn/scale": (4,), "up0/norm0/bn/bias": (4,),
+    "up0/norm1/bn/scale": (4,), "up0/norm1/bn/bias": (4,),
+    "head/kernel": (4, 3), "head/bias": (3,),
+}
+DEFAULT_STATS = {
+    "down0/norm0/bn/mean": (4,), "down0/norm0/bn/var": (4,), "down0/norm1/bn/mean": (4,), "down0/norm1/bn/var": (4,),
+    "down1/norm0/bn/mean": (8,), "down1/norm0/bn/var": (8,), "down1/norm1/bn/mean": (8,), "down1/norm1/bn/var": (8,),
+    "bottleneck/norm0/bn/mean": (16,), "bottleneck/norm0/bn/var": (16,),
+    "bottleneck/norm1/bn/mean": (16,), "bottleneck/norm1/bn/var": (16,),
+    "up1/norm0/bn/mean": (8,), "up1/norm0/bn/var": (8,), "up1/norm1/bn/mean": (8,), "up1/norm1/bn/var": (8,),
+    "up0/norm0/bn/mean": (4,), "up0/norm0/bn/var": (4,), "up0/norm1/bn/mean": (4,), "up0/norm1/bn/var": (4,),
+}
+
+
+def expected_tree(norm: str, fast_ops: bool) -> dict:
+  """DEFAULT_PARAMS / DEFAULT_STATS for `norm` ('batch' | 'dsbn' with K domains) and `fast_ops`."""
+  def variant(table):
+    out = {}
+    for path, shape in table.items():
+      if norm == "dsbn" and "/bn/" in path:
+        path, shape = path.replace("/bn/", "/dsbn/"), (K, *shape)
+      if not fast_ops and path == "head/kernel":
+        shape = (1, 1, *shape)
+      out[tuple(path.split("/"))] = shape
+    return out
+  return {"params": variant(DEFAULT_PARAMS), "batch_stats": variant(DEFAULT_STATS)}
+
+
+@pytest.mark.parametrize("fast_ops", [True, False])
+@pytest.mark.parametrize("norm", ["batch", "dsbn"])
+def test_default_model_has_exactly_the_old_parameter_tree(norm, fast_ops):
+  """The default U-Net (no adapter, no SE) built from the config: key paths and shapes equal the
+  hand-written tree above, so a change of the default path (a renamed, added or reshaped leaf)
+  is caught; checkpoints of older runs restore into it."""
   config = base_config()
   config.model.base_features, config.model.depth = 4, 2
+  config.model.norm, config.model.fast_ops = norm, fast_ops
   tree = lambda v: {col: {p: x.shape for p, x in tu.flatten_dict(dict(t)).items()} for col, t in v.items()}
-  for norm, k in (("batch", 1), ("dsbn", K)):
-    config.model.norm = norm
-    old = tree(shapes(UNet(CLASSES, base_features=4, depth=2, norm=norm, num_domains=k)))
-    assert tree(shapes(make_model(config.model, num_classes=CLASSES, num_domains=k))) == old
-  # the values too (same names -> same initializer keys), on the default model
-  config.model.norm = "batch"
+  got = tree(shapes(make_model(config.model, num_classes=CLASSES, num_domains=K if norm == "dsbn" else 1)))
+  assert got == expected_tree(norm, fast_ops)
+  # sensitivity: an option on adds leaves
+  assert set(tree(shapes(UNet(CLASSES, **SMALL, norm=norm, num_domains=K, se="shared")))["params"]) > set(got["params"])
+
+
+def test_default_model_initializes_as_the_plain_unet():
+  """The values too (same names -> same initializer keys): the config's default model and the
+  U-Net constructed with its defaults draw the same initial parameters."""
+  config = base_config()
+  config.model.base_features, config.model.depth = 4, 2
   init = lambda m: jax.jit(lambda key: m.init(key, jnp.zeros((1, 16, 16, 1)), train=False))(jax.random.PRNGKey(0))
   assert leaves_equal(init(UNet(CLASSES, **SMALL)), init(make_model(config.model, num_classes=CLASSES)))
-  # sensitivity: an option on adds leaves
-  assert set(tree(shapes(UNet(CLASSES, **SMALL, se="shared")))["params"]) > set(tree(shapes(UNet(CLASSES, **SMALL)))["params"])
 
 
 # --- Zero-initialized adapters = the shared U-Net; one domain's adapter moves only its samples ---
@@ -211,16 +273,28 @@ def test_parallel_adapter_against_numpy():
     np.testing.assert_allclose(y[b], x[b] @ pick(w, d), rtol=1e-5, atol=1e-5)
 
 
+def np_block_norm(x, d, p, s, name, norm):
+  """The block's norm{i} in inference mode on one sample of domain d: DSBN (per-domain tables
+  [K, C]) or one BatchNorm ([C])."""
+  sub = "dsbn" if norm == "dsbn" else "bn"
+  table = lambda col, leaf: col[(name, sub, leaf)] if norm == "dsbn" else col[(name, sub, leaf)][None]
+  return np_bn_eval(x, d if norm == "dsbn" else 0, table(p, "scale"), table(p, "bias"), table(s, "mean"),
+                    table(s, "var"))
+
+
+@pytest.mark.parametrize("norm", ["dsbn", "batch"])
 @pytest.mark.parametrize("adapter", ["series", "parallel"])
-def test_adapter_placement_in_a_conv_block_against_numpy(adapter):
-  """norm 'none': series y = relu(x' + BN^a(x') W_d), x' = conv(x); parallel
-  y = relu(conv(x) + x W_d); twice (the block's two convs), inference mode."""
-  block = ConvBlock(4, norm="none", num_domains=2, adapter=adapter)
+def test_adapter_placement_in_a_conv_block_against_numpy(adapter, norm):
+  """Inference mode, random running statistics and scales, so where the adapter sits relative to
+  the block's norm matters: series y = relu(N_d(x' + BN^a_d(x') W_d)), x' = conv(x); parallel
+  y = relu(N_d(conv(x) + x W_d)); twice (the block's two convs); N_d the block's norm{i}
+  (DSBN: domain d's; batch: the shared one)."""
+  block = ConvBlock(4, norm=norm, num_domains=2, adapter=adapter)
   x = RNG.normal(size=(2, 5, 6, 3)).astype(np.float32)
   domain = np.array([1, 0])
   v = draw(block, 3, zero_adapters=False, x_shape=x.shape, domain=domain)
   y = block.apply(v, x, train=False, domain=domain)
-  p, s = flat(v["params"]), flat(v.get("batch_stats", {}))
+  p, s = flat(v["params"]), flat(v["batch_stats"])
   h = x.astype(np.float64)
   for i in range(2):
     conv = np_conv3x3(h, p[(f"conv{i}", "kernel")])
@@ -232,6 +306,7 @@ def test_adapter_placement_in_a_conv_block_against_numpy(adapter):
         conv[b] = conv[b] + a @ w[d]
       else:
         conv[b] = conv[b] + h[b] @ w[d]
+      conv[b] = np_block_norm(conv[b], d, p, s, f"norm{i}", norm)
     h = np.maximum(conv, 0)
   np.testing.assert_allclose(y, h, rtol=1e-4, atol=1e-4)
 

@@ -1,10 +1,15 @@
 """MS-Net (methods/multisite/msnet.py): the knowledge-transfer loss against numpy, the argmax target
 without gradient, the released step order against a hand composition of two SGD(1) updates of
-hand-written per-site losses (the TF way: one network call per site), the warm-up, per-site
-auxiliary decoders, pmap == one device, and a run end to end with both branches evaluated."""
+hand-written per-site losses (the TF way: one network call per site), the BatchNorm running
+statistics of a warm-up and a full step against numpy momentum updates, the warm-up, each Adam's
+own bias-correction count (first updates of exactly lr), per-site auxiliary decoders, pmap == one
+device, and a run end to end that writes both branches' tables."""
 
 from __future__ import annotations
 
+import json
+
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +122,32 @@ class Hand:
     return sum(0.5 * dice_b(self.univ(params, k), self.batch["label"][self.rows[k]])
                + 0.5 * dice_b(self.univ(params, k), targets[k]) for k in range(K)) + l2(params, STUDENT, self.wd)
 
+  def norm_inputs(self, params):
+    """{(part, block, norm): [input of that BatchNorm on site k's rows, k = 0..K-1]} at `params`,
+    each part applied per site as above; a norm's input is the output of the conv before it
+    (conv{i} -> norm{i}), read with flax's capture_intermediates. Part 'teachers' = teachers_k on
+    site k."""
+    out = {}
+
+    def collect(part, intermediates):
+      for path, value in flax.traverse_util.flatten_dict(intermediates).items():
+        if len(path) == 3 and path[1].startswith("conv"):   # (block, conv{i}, '__call__')
+          out.setdefault((part, path[0], "norm" + path[1][4:]), []).append(value[0])
+
+    for k in range(K):
+      x, domain = self.batch["image"][self.rows[k]], np.full(len(self.rows[k]), k)
+      capture = dict(train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True)
+      features, v = self.enc.apply({"params": params["encoder"], "batch_stats": self.stats["encoder"]}, x,
+                                   domain=domain, **capture)
+      collect("encoder", v["intermediates"])
+      name = f"teachers_{k}"
+      _, v = self.teacher.apply({"params": params[name], "batch_stats": self.stats[name]}, features, **capture)
+      collect("teachers", v["intermediates"])
+      _, v = self.student.apply({"params": params["student"], "batch_stats": self.stats["student"]}, features,
+                                domain=domain, **capture)
+      collect("student", v["intermediates"])
+    return out
+
   def jitted(self):
     """(L_teacher and its gradient, the targets, L_student and its gradient), compiled once."""
     targets = jax.jit(lambda p: [jnp.argmax(self.aux(p, k), axis=-1) for k in range(K)])
@@ -127,6 +158,11 @@ class Hand:
 @pytest.fixture(scope="module")
 def hand(setup):
   return Hand(*setup).jitted()
+
+
+@pytest.fixture(scope="module")
+def norm_inputs(setup):
+  return jax.jit(Hand(*setup).norm_inputs)
 
 
 def sgd1(params, grads, names):
@@ -251,11 +287,22 @@ def test_student_update_leaves_the_teachers_bit_identical_and_moves_encoder_and_
   assert np.isfinite(metrics["loss_student"]) and metrics["student_grad_norm"] > 0
 
 
-def test_step_is_teacher_update_then_recomputed_student_update(setup, hand):
-  config, state, batch = setup
-  step = msnet.make_train_step(msnet.network(config, INFO, train=True), optax.sgd(1.0), optax.sgd(1.0), config,
-                               num_classes=C)
-  new, metrics = jax.jit(step.steps[1])(state, batch, jax.random.PRNGKey(2))
+@pytest.fixture(scope="module")
+def sgd(setup):
+  """(initial state, jitted warm-up step, jitted full step) with SGD(1) for Adam_T and Adam_S
+  (update = -gradient): the hand composition below needs no optimizer state."""
+  config, _, _ = setup
+  tx = optax.sgd(1.0)
+  state = msnet.init_msnet_state(jax.random.PRNGKey(0), msnet.network(config, INFO, train=False), tx, tx,
+                                 input_shape=(1, 16, 16, 1))
+  step = msnet.make_train_step(msnet.network(config, INFO, train=True), tx, tx, config, num_classes=C)
+  return state, jax.jit(step.steps[0]), jax.jit(step.steps[1])
+
+
+def test_step_is_teacher_update_then_recomputed_student_update(setup, sgd, hand):
+  _, _, batch = setup
+  state, _, full_step = sgd
+  new, metrics = full_step(state, batch, jax.random.PRNGKey(2))
   assert int(new.step) == 1 and int(metrics["phase"]) == 1
 
   teacher_loss, targets_of, student_loss = hand
@@ -272,21 +319,147 @@ def test_step_is_teacher_update_then_recomputed_student_update(setup, hand):
   assert max_diff(new.params, simultaneous, ("encoder",)) > 1e-3
 
 
-def test_warmup_updates_only_the_teacher_path_and_the_schedule_switches(setup):
+MOMENTUM = 0.9   # the project's TF1 BatchNorm convention (models/norms.py): r <- 0.9 r + 0.1 batch stat
+
+
+def np_moments(x):
+  """Per-channel batch mean and (biased) variance over [n, H, W], in float64."""
+  x = np.asarray(x, np.float64)
+  return {"mean": x.mean(axis=(0, 1, 2)), "var": x.var(axis=(0, 1, 2))}
+
+
+def momentum_update(stats, inputs, k=None):
+  """Each BatchNorm leaf of `stats` ({(part, block, norm): {'mean', 'var'}}, DSBN rows [K, C] or
+  one BN [C]) after one running-average update with the batch moments of `inputs` ({(part,
+  block, norm): [per-site inputs]}): DSBN row k with site k's moments for every k, a teacher's
+  BN with its own site's (`k`)."""
+  out = {}
+  for key, r in stats.items():
+    site_inputs = inputs[("teachers" if key[0].startswith("teachers") else key[0],) + key[1:]]
+    new = {}
+    for name, value in r.items():
+      value = np.array(value, np.float64)
+      if k is None:   # DSBN: one row per site
+        for site in range(K):
+          value[site] = MOMENTUM * value[site] + (1 - MOMENTUM) * np_moments(site_inputs[site])[name]
+      else:
+        value = MOMENTUM * value + (1 - MOMENTUM) * np_moments(site_inputs[k])[name]
+      new[name] = value
+    out[key] = new
+  return out
+
+
+def norm_leaves(batch_stats, part):
+  """{(part, block, norm): {'mean', 'var'}} of one part's BatchNorm layers (DSBN 'dsbn', BN 'bn')."""
+  out = {}
+  for path, value in flax.traverse_util.flatten_dict(batch_stats[part]).items():
+    block, norm, _, name = path
+    out.setdefault((part, block, norm), {})[name] = np.asarray(value)
+  return out
+
+
+def assert_stats_close(got, want, what):
+  assert got.keys() == want.keys(), what
+  for key in want:
+    for name in ("mean", "var"):
+      np.testing.assert_allclose(got[key][name], want[key][name], rtol=2e-4, atol=2e-5, err_msg=f"{what} {key} {name}")
+
+
+def test_batch_norm_running_statistics_of_a_warmup_and_a_full_step(setup, sgd, hand, norm_inputs):
+  """Running statistics after a warm-up step then a full step (SGD(1)) against numpy momentum
+  updates of the batch moments of each BatchNorm's input, computed by applying the parts per site
+  at the hand parameter trajectory p0 -> p1 (warm-up teacher update) -> p2 (full step's teacher
+  update; the student pass runs at p2). As TF with updates_collections=None, every train-mode
+  forward updates the statistics it touches: the encoder's DSBN (row k with site k's moments) and
+  each teachers_k once in the warm-up and twice in the full step (teacher pass at p1, student pass
+  at p2); the universal decoder's DSBN not in the warm-up (bit-identical) and once in the full step
+  (student pass at p2)."""
+  _, _, batch = setup
+  state, warmup_step, full_step = sgd
+  warm, _ = warmup_step(state, batch, jax.random.PRNGKey(5))
+  full, _ = full_step(warm, batch, jax.random.PRNGKey(6))
+
+  teacher_loss, targets_of, student_loss = hand
+  p0 = state.params
+  p1 = sgd1(p0, teacher_loss(p0)[1], TEACHERS)
+  p2 = sgd1(p1, teacher_loss(p1)[1], TEACHERS)
+  p3 = sgd1(p2, student_loss(p2, targets_of(p2))[1], STUDENT)
+  assert max_diff(full.params, p3, TEACHERS + ("student",)) < 5e-5   # the trajectory the statistics follow
+  inputs = [jax.tree.map(np.asarray, norm_inputs(p)) for p in (p0, p1, p2)]
+
+  start = {part: norm_leaves(state.batch_stats, part) for part in state.batch_stats}
+  encoder = momentum_update(start["encoder"], inputs[0])
+  teachers = {k: momentum_update(start[f"teachers_{k}"], inputs[0], k) for k in range(K)}
+  assert_stats_close(norm_leaves(warm.batch_stats, "encoder"), encoder, "warm-up: encoder")
+  for k in range(K):
+    assert_stats_close(norm_leaves(warm.batch_stats, f"teachers_{k}"), teachers[k], f"warm-up: teachers_{k}")
+  assert leaves_equal(warm.batch_stats["student"], state.batch_stats["student"])
+
+  once = {k: momentum_update(teachers[k], inputs[1], k) for k in range(K)}   # the teacher pass alone
+  encoder = momentum_update(momentum_update(encoder, inputs[1]), inputs[2])
+  teachers = {k: momentum_update(once[k], inputs[2], k) for k in range(K)}
+  student = momentum_update(start["student"], inputs[2])
+  assert_stats_close(norm_leaves(full.batch_stats, "encoder"), encoder, "full: encoder")
+  for k in range(K):
+    assert_stats_close(norm_leaves(full.batch_stats, f"teachers_{k}"), teachers[k], f"full: teachers_{k}")
+  assert_stats_close(norm_leaves(full.batch_stats, "student"), student, "full: student")
+  # sensitivity: a single teacher-pass update and the initial student statistics are far off
+  key = ("teachers_0", "up0", "norm0")
+  assert np.abs(once[0][key]["var"] - teachers[0][key]["var"]).max() > 1e-2
+  key = ("student", "up0", "norm0")
+  assert np.abs(start["student"][key]["mean"] - student[key]["mean"]).max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def adam_run(setup):
+  """(initial state, after the warm-up step, after the first full step) with the method's own
+  optimizers (config.optimizer: Adam 1e-3, constant schedule): warmup_steps = 1."""
   config, state, batch = setup
   step = msnet.make_step(config, INFO)
   assert [int(step.schedule(s)) for s in (0, 1, 5)] == [0, 1, 1]   # warmup_steps = 1
-  new, metrics = jax.jit(step.steps[0])(state, batch, jax.random.PRNGKey(3))
-  assert int(new.step) == 1 and int(metrics["phase"]) == 0
+  warm, metrics = jax.jit(step.steps[0])(state, batch, jax.random.PRNGKey(3))
+  assert int(warm.step) == 1 and int(metrics["phase"]) == 0
+  full, metrics = jax.jit(step.steps[1])(warm, batch, jax.random.PRNGKey(4))
+  assert int(full.step) == 2 and int(metrics["phase"]) == 1
+  return state, warm, full
+
+
+def test_warmup_updates_only_the_teacher_path_and_the_schedule_switches(adam_run):
+  state, new, _ = adam_run
   assert leaves_equal(new.params["student"], state.params["student"])
   assert leaves_equal(new.batch_stats["student"], state.batch_stats["student"])
   assert leaves_equal(new.task_opt_state, state.task_opt_state)
   for name in TEACHERS:
     assert every_leaf_changed(new.params[name], state.params[name]), name
-  # Adam_S's learning rate is read at the global step: its schedule starts at warmup_steps
-  counts = [s.count for s in jax.tree.leaves(state.task_opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
-            if isinstance(s, optax.ScaleByScheduleState)]
-  assert counts and all(int(c) == config.msnet.warmup_steps for c in counts)
+
+
+def counts(opt_state, kind):
+  """The `count` of every optax state of type `kind` in `opt_state`."""
+  is_kind = lambda s: isinstance(s, kind)
+  return [int(s.count) for s in jax.tree.leaves(opt_state, is_leaf=is_kind) if is_kind(s)]
+
+
+def test_adam_counts_bias_correction_per_optimizer_and_the_schedule_at_the_global_step(setup, adam_run):
+  """TF's two AdamOptimizers: each one's bias correction counts its own updates (Adam_S: 0 at the
+  start and after the warm-up, 1 after the first full step), while both read the learning rate
+  at the global step (Adam_S's schedule count starts at warmup_steps = 1). First updates by hand:
+  Adam's first step is -lr · m̂/(√v̂ + ε) = -lr · g/(|g| + ε) with the bias-corrected moments
+  m̂ = g, v̂ = g², so every parameter a first update trains moves by lr (1e-3) exactly — a count
+  shifted to warmup_steps would correct by 1 − β^2 and move it by 0.74 lr."""
+  config, _, _ = setup
+  state, warm, full = adam_run
+  adam, schedule = optax.ScaleByAdamState, optax.ScaleByScheduleState
+  assert [counts(s.task_opt_state, adam) for s in (state, warm, full)] == [[0], [0], [1]]   # Adam_S
+  assert [counts(s.task_opt_state, schedule) for s in (state, warm, full)] == [[1], [1], [2]]
+  assert [counts(s.opt_state, adam) for s in (state, warm, full)] == [[0], [1], [2]]        # Adam_T
+  assert [counts(s.opt_state, schedule) for s in (state, warm, full)] == [[0], [1], [2]]
+  lr = config.optimizer.learning_rate
+  moved = lambda new, old, name: np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in
+                                                 zip(jax.tree.leaves(new[name]), jax.tree.leaves(old[name]))])
+  for name in TEACHERS:   # Adam_T's first update, in the warm-up
+    np.testing.assert_allclose(moved(warm.params, state.params, name), lr, rtol=1e-2, err_msg=name)   # not 1e-3: g/(|g| + ε) at |g| ~ 1e-5
+  # Adam_S's first update, in the first full step (the universal decoder: Adam_S's alone)
+  np.testing.assert_allclose(moved(full.params, warm.params, "student"), lr, rtol=1e-2)
 
 
 def test_each_auxiliary_decoder_sees_only_its_sites_samples(setup):
@@ -335,22 +508,40 @@ def test_validate_refuses_settings_msnet_cannot_honour():
 
 
 def test_run_end_to_end_reports_the_universal_and_the_auxiliary_branch(tmp_path):
+  """A run writes results.* (universal branch, "MS-Net") and, through msnet.write_figures,
+  msnet/results_auxiliary.* (the auxiliary branch of the same selected state, "MS-Net (auxiliary)",
+  Dice only), whose per-volume Dice equal the docstring command's scores of the checkpoint."""
   root = make_sites_dataset(tmp_path / "toy", sites=("A", "B", "C"), cases=4)
   config = tiny_config(root, **{"method": "msnet", "model.norm": "dsbn", "data.held_out": (), "model.depth": 1,
                                 "batch_size": 12, "num_steps": 4, "msnet.warmup_steps": 2,
                                 "eval_every": 4, "checkpoint.every": 4, "eval.selection": "last",
                                 "data.split.val_fraction": 0.0,   # no validation pass: one compile less
                                 "loss.ce_weight": 0.0, "loss.dice_variant": "linear"})
-  result = train_lib.train_and_evaluate(config, tmp_path / "run")
-  assert "| MS-Net |" in (tmp_path / "run" / "results.md").read_text()
+  run = tmp_path / "run"
+  result = train_lib.train_and_evaluate(config, run)
+  results = (run / "results.md").read_text()
+  assert "| MS-Net |" in results and "(auxiliary)" not in results
   assert {r["site"] for r in result["records"]} == {"A", "B", "C"}
   assert all(r["role"] == "in-domain" for r in result["records"])
-  # the auxiliary branch of the same checkpoint, scored without retraining (README command)
-  run_config = load_run_config(tmp_path / "run")
+  # the auxiliary branch, written by the run itself next to the model's checkpoints
+  assert "| MS-Net (auxiliary) |" in (run / "msnet" / "results_auxiliary.md").read_text()
+  written = json.loads((run / "msnet" / "results_auxiliary.json").read_text())
+  assert written["branch"] == "auxiliary" and written["steps"] == {"msnet": 4}
+  assert {r["method"] for r in written["records"]} == {"MS-Net (auxiliary)"}
+  assert {(r["site"], r["role"]) for r in written["records"]} == {(s, "in-domain") for s in "ABC"}
+  assert not any("asd" in r for r in written["records"])   # Dice only
+  assert not (run / "results_auxiliary.md").exists()
+  # = the auxiliary branch of the same checkpoint scored by the docstring's command (no retraining)
+  run_config = load_run_config(run)
   run_config.msnet.eval_branch = "auxiliary"
-  data = prepare_data(run_config.data, run_dir=tmp_path / "run", build_train=False)
-  trained = restore_models(run_config, tmp_path / "run", num_classes=data.num_classes, sources=data.sources)
+  data = prepare_data(run_config.data, run_dir=run, build_train=False)
+  trained = restore_models(run_config, run, num_classes=data.num_classes, sources=data.sources)
   assert trained[0].step == 4
-  evaluate_models(run_config, data, trained, tmp_path / "run", results_name="results_auxiliary")
-  assert "| MS-Net (auxiliary) |" in (tmp_path / "run" / "results_auxiliary.md").read_text()
-  assert "| MS-Net |" in (tmp_path / "run" / "results.md").read_text()   # results.md kept
+  scored = evaluate_models(run_config, data, trained, run, results_name="results_auxiliary")["records"]
+  dice = lambda records: {(r["site"], r["case"]): r["dice"] for r in records}
+  assert dice(scored).keys() == dice(written["records"]).keys()
+  for case, value in dice(scored).items():
+    np.testing.assert_allclose(dice(written["records"])[case], value, atol=1e-6, err_msg=str(case))
+  # sensitivity: the universal branch scores the volumes differently
+  assert any(not np.allclose(dice(result["records"])[c], v, atol=1e-4) for c, v in dice(scored).items())
+  assert "| MS-Net |" in (run / "results.md").read_text()   # results.md kept

@@ -7,17 +7,21 @@ of the talk's tables, on the same U-Net, data and protocol as the Joint / DSBN r
 
 `:quick` = CPU size (300 steps, teacher warm-up 100: the released 500 of 50k scaled to the short
 run); no argument = GPU size (warm-up 500); `:prostate6` = the real six-site prostate collection
-(add --config.data.root=/path/to/prostate6). The universal branch is evaluated ("MS-Net"); add
---config.msnet.eval_branch=auxiliary for each site's auxiliary decoder ("MS-Net (auxiliary)"), or
-score it on a finished run's checkpoints (the command in methods/multisite/msnet.py).
+(add --config.data.root=/path/to/prostate6). results.md scores the universal branch ("MS-Net");
+every run also writes the auxiliary branch's table of the same checkpoint
+(<workdir>/msnet/results_auxiliary.md, "MS-Net (auxiliary)", Dice only: methods/multisite/msnet.py);
+--config.msnet.eval_branch=auxiliary swaps the two.
 One :quick run (seed 0, 4.5 min on the shared 2-core CPU): mean Dice 55.4 % universal, 53.0 %
 auxiliary (same checkpoint, step 300).
 
 From the released code: the loss (Dice with the linear denominator alone: loss.ce_weight=0,
 loss.dice_variant='linear'), the 0.5/0.5 knowledge-transfer weights, the warm-up, Adam_T then
-Adam_S. From the shared multisite protocol (for comparable rows): the schedule (cosine; released:
---config.optimizer.schedule=exponential, x0.95 every 500 steps), the L2 on kernels
-(loss.weight_decay 1e-4; released: none, --config.loss.weight_decay=0), batch, steps, U-Net widths.
+Adam_S. From the shared multisite protocol (for comparable rows): the learning-rate schedule
+(cosine at :quick and at the GPU size, the brain-sites sizes of config.multisite; constant, Adam
+1e-3 throughout, at :prostate6, SAML's setting of config.prostate6; released: x0.95 every 500
+steps, --config.optimizer.schedule=exponential with the default decay_steps=500, decay_rate=0.95),
+the L2 on kernels (loss.weight_decay 1e-4; released: none, --config.loss.weight_decay=0), batch,
+steps, U-Net widths.
 """
 
 from medgen_jax.config import base_config, multisite

@@ -51,8 +51,15 @@ Evaluation: the universal branch is deployed (`eval_network`: E + U with the tes
 label "MS-Net"); `msnet.eval_branch='auxiliary'` evaluates E + A_k of the test site k instead
 ("MS-Net (auxiliary)"); an unseen site gets the DSBN mean and the ensemble of the K auxiliary
 decoders (mean softmax) under model.unseen_domain='average', an error under 'refuse'. The released
-test reports both branches of one checkpoint; here one run reports the branch of its config and
-the other is scored from the same checkpoints without retraining (README, MS-Net section):
+test reports both branches of one checkpoint; so does a run: <workdir>/results.* hold the branch
+of msnet.eval_branch, and `write_figures` (the trainer calls it on model <name>'s selected state)
+scores the OTHER branch of that same state on the test cases of every site into
+<workdir>/<name>/results_auxiliary.{md,csv,json} (rows "MS-Net (auxiliary)"; results_universal.*,
+rows "MS-Net", when eval_branch='auxiliary'). That table is Dice only, whatever eval.distances
+says (the talk's MS-Net table reports Dice; ASSD/HD95 would double the final evaluation's cost).
+For the other branch with distances, or on a run trained before write_figures existed, score it
+from the checkpoints without retraining (writes <workdir>/results_auxiliary.*; results.* stay the
+universal branch's):
 
     python -c "
     from pathlib import Path
@@ -63,8 +70,7 @@ the other is scored from the same checkpoints without retraining (README, MS-Net
     t = evaluation.restore_models(c, w, num_classes=d.num_classes, sources=d.sources)
     print(evaluation.evaluate_models(c, d, t, w, results_name='results_auxiliary')['markdown'])"
 
-(`python -m medgen_jax.evaluate` overrides only --selection; this writes results_auxiliary.*
-next to the run's results.*, which stay the universal branch's.)
+(`python -m medgen_jax.evaluate` overrides only --selection.)
 
 Metrics: loss (= loss_teacher in the warm-up, loss_teacher + loss_student after), loss_teacher,
 loss_student, loss_gt and loss_transfer (Σ_k S against the labels / the auxiliary argmax),
@@ -72,6 +78,9 @@ teacher_grad_norm, student_grad_norm, phase (0 warm-up, 1 both updates).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -371,3 +380,48 @@ def make_step(config, info):
 def eval_network(config, info):
   """E + U (universal, deployed) or E + A_k (auxiliary), by config.msnet.eval_branch."""
   return network(config, info, train=False, branch=config.msnet.eval_branch), segmenter_variables
+
+
+def other_branch(config) -> str:
+  """The branch a run does not report in results.* (write_figures scores it)."""
+  return "auxiliary" if config.msnet.eval_branch == "universal" else "universal"
+
+
+def write_figures(config, data, state, out_dir) -> dict:
+  """The other branch's table (module docstring): the branch that config.msnet.eval_branch does
+  not evaluate, on the same selected `state`, scored on the test cases of every site (the sites
+  the model trained on "in-domain", any other "unseen", as evaluation.evaluate_models does),
+  Dice only. Writes `out_dir`/results_<branch>.{md,csv,json}; returns {'records', 'markdown'}."""
+  from medgen_jax import evaluation, methods, report   # evaluation imports the method registry
+  from medgen_jax.data.nifti import write_bytes_atomic
+  out_dir = Path(out_dir)
+  branch = other_branch(config)
+  other = config.copy_and_resolve_references()
+  other.msnet.eval_branch = branch
+  sources = dict(methods.model_runs(config, data.sources)).get(out_dir.name, list(data.sources))
+  step = int(state.step)
+  trained = evaluation.trained_model(other, data.num_classes, state, name=out_dir.name, sources=sources,
+                                     step=step)
+  predict, domain_of = trained.predictor()
+  records = evaluation.evaluate_cases(
+      predict, trained.variables, data.cases["test"], normalizer=data.normalizer, data_config=config.data,
+      num_classes=data.num_classes, batch_size=config.eval.batch_size, distances=False,
+      method=evaluation.method_label(other, trained), domain_of=domain_of,
+      role_of=lambda site: "in-domain" if site in sources else "unseen")
+  class_names = [data.info.labels[k] for k in sorted(data.info.labels) if k]
+  notes = [f"MS-Net's {branch} branch of the state that results.md scores with its {config.msnet.eval_branch} "
+           f"branch ({out_dir.name}: step {step}, selection rule {config.eval.selection}); Dice only "
+           f"(methods/multisite/msnet.py gives the command that adds the distances)",
+           f"method {config.method}, sources {sources}, held out {data.held_out or 'none'}",
+           f"{config.num_steps} steps, batch {config.batch_size}, {config.data.in_plane_shape} slices, "
+           f"normalization {config.data.normalization.name}, seed {config.seed}"]
+  markdown = report.markdown_report(records, sites=sorted(data.cases["test"]), class_names=class_names,
+                                    title=f"medgen_jax results, MS-Net {branch} branch", notes=notes)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  name = f"results_{branch}"
+  write_bytes_atomic(out_dir / f"{name}.md", (markdown + "\n").encode())
+  write_bytes_atomic(out_dir / f"{name}.csv", report.records_csv(records).encode())
+  write_bytes_atomic(out_dir / f"{name}.json", json.dumps(
+      {"branch": branch, "selection": config.eval.selection, "steps": {out_dir.name: step},
+       "records": records}, indent=1).encode())
+  return {"records": records, "markdown": markdown}
