@@ -12,6 +12,10 @@ scaled | whitening; `n4` switches data.bias_correction='n4' on (needs `medgen_ja
         --config configs/multisite/normalization.py:quick,histogram,n4 \
         --config configs/multisite/normalization.py:quick,scaled,n4 \
         --config configs/multisite/normalization.py:quick,whitening,n4
+
+Numbers (`:quick`, seed 0, 2026-11-28, 9 min 44 s for the six new runs): overall mean Dice %
+none 51.39, histogram 53.77, scaled 54.17, whitening 54.00; with N4: histogram 53.47, scaled
+53.74, whitening 53.75 (the same whitening config with seed 1: 60.17).
 """
 
 from medgen_jax.config import base_config, multisite

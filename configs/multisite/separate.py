@@ -5,6 +5,9 @@
 
 `:quick` = CPU size (300 steps per model); no argument = GPU size; `:prostate6` = the real
 six-site prostate collection (add --config.data.root=/path/to/prostate6).
+
+Numbers (`:quick`, 2 seeds, 2026-11-28, the README's method table; 300 steps, about 3 min per model on the 2-core CPU):
+Separate (each site's own model) 57.02 ± 3.92 % mean Dice over the six sites' test volumes.
 """
 
 from medgen_jax.config import base_config, multisite

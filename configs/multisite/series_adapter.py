@@ -8,6 +8,9 @@ The "Series-Adapter" row of the talk's MS-Net method table.
 
 `:quick` = CPU size (300 steps); no argument = GPU size; `:prostate6` = the real six-site
 prostate collection (add --config.data.root=/path/to/prostate6).
+
+Numbers (`:quick`, 2 seeds, 2026-11-28, the README's method table; 300 steps, about 3 min per model on the 2-core CPU):
+Series-Adapter 57.19 ± 3.52 %.
 """
 
 from medgen_jax.config import base_config, multisite

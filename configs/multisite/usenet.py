@@ -11,6 +11,9 @@ Enc USE-Net.
 
 `:quick` = CPU size (300 steps); no argument = GPU size; `:prostate6` = the real six-site
 prostate collection (add --config.data.root=/path/to/prostate6).
+
+Numbers (`:quick`, 2 seeds, 2026-11-28, the README's method table; 300 steps, about 3 min per model on the 2-core CPU):
+USE-Net 54.98 ± 1.42 %.
 """
 
 from medgen_jax.config import base_config, multisite
