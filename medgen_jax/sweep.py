@@ -24,7 +24,9 @@ runs that finished, lists the failed ones, and the exit status is 1.
 
 Output: `DIR/sweep.md` and `DIR/sweep.csv`: rows are methods, columns the held-out sites and their
 average, cells the held-out site's mean Dice (%) as mean ± std over seeds (`(n=k)` when fewer
-seeds finished than asked for), with the model selection rule stated.
+seeds finished than asked for), with the model selection rule stated. `--metrics dice,asd` adds
+an ASD (mm) table of the same layout (mean ASSD over the held-out volumes and foreground classes;
+'—' for runs trained with eval.distances=False) and an `unseen_asd` CSV column.
 
 Unsupervised domain adaptation (`--uda`): every config × direction × seed, a direction being
 `SOURCE:TARGET` (`--directions MR:CT,CT:MR`; default every ordered pair of sites):
@@ -220,6 +222,18 @@ def run_one(config, run_dir: Path) -> list[dict]:
 
 def unseen_dice(records, site: str) -> float:
   return mean_dice([r for r in records if r["site"] == site and r["role"] == "unseen"]) * 100
+
+
+def unseen_asd(records, site: str) -> float:
+  """Mean over the held-out site's volumes of the mean ASSD (mm) over foreground classes; NaN when
+  the run computed no distances (eval.distances False)."""
+  chosen = [r for r in records if r["site"] == site and r["role"] == "unseen"]
+  if not chosen or any("asd" not in r for r in chosen):
+    return float("nan")
+  return float(np.mean([np.mean(r["asd"]) for r in chosen]))
+
+
+METRICS = {"dice": ("Dice (%)", unseen_dice), "asd": ("ASD (mm)", unseen_asd)}
 
 
 def _cell(values, seeds: int) -> str:
@@ -538,6 +552,8 @@ def main(argv=None) -> int:
                       help="override applied to every config, e.g. num_steps=300 or data.sites=A,B,C")
   parser.add_argument("--uda", action="store_true",
                       help="unsupervised domain adaptation: source -> target directions instead of held-out sites")
+  parser.add_argument("--metrics", default="dice",
+                      help="leave-one-domain-out table: dice, or dice,asd (a Dice and an ASD table)")
   parser.add_argument("--multisite", action="store_true",
                       help="multi-site learning: every config x seed on its own sites (no site held out)")
   parser.add_argument("--directions", default="all",
@@ -548,6 +564,11 @@ def main(argv=None) -> int:
     return 2
   if args.uda and args.multisite:
     print("error: --uda and --multisite: choose one setting", file=sys.stderr)
+    return 2
+  metrics = list(dict.fromkeys(m.strip() for m in args.metrics.split(",") if m.strip()))
+  if not metrics or any(m not in METRICS for m in metrics):
+    print(f"error: --metrics {args.metrics}: use a comma-separated list of {', '.join(METRICS)}, "
+          "e.g. --metrics dice,asd", file=sys.stderr)
     return 2
   workdir = Path(args.workdir)
   try:
@@ -592,8 +613,9 @@ def main(argv=None) -> int:
         uda_finished.append((run, method, [r for r in records if r["method"] == method]))
       continue
     for method in dict.fromkeys(r["method"] for r in records):
-      dice = unseen_dice([r for r in records if r["method"] == method], run.site)
-      finished.append((name, method, run.site, run.seed, dice))
+      mine = [r for r in records if r["method"] == method]
+      values = {m: METRICS[m][1](mine, run.site) for m in metrics}
+      finished.append((name, method, run.site, run.seed, values))
 
   if args.uda:
     return write_uda_report(args, plan, uda_finished, failed)
@@ -606,26 +628,35 @@ def main(argv=None) -> int:
     held_of.setdefault(config_name(run.spec), [])
     if run.site not in held_of[config_name(run.spec)]:
       held_of[config_name(run.spec)].append(run.site)
-  rows: dict[str, dict[str, dict[int, float]]] = {}
+  rows: dict[str, dict[str, dict[str, dict[int, float]]]] = {m: {} for m in metrics}
   row_sites: dict[str, list[str]] = {}
   csv_rows = []
-  for name, method, site, seed, dice in finished:
+  for name, method, site, seed, values in finished:
     # Two configs giving the same method label get one row each, labelled with the config.
     label = method if len(configs_of[method]) == 1 else f"{method} ({name})"
-    rows.setdefault(label, {}).setdefault(site, {})[seed] = dice
+    for m, value in values.items():
+      if np.isfinite(value):   # no ASD when the run computed no distances: '—'
+        rows[m].setdefault(label, {}).setdefault(site, {})[seed] = value
+      else:
+        rows[m].setdefault(label, {})
     row_sites[label] = held_of[name]
-    csv_rows.append([name, method, site, seed, f"{dice:.4f}"])
+    csv_rows.append([name, method, site, seed] + [f"{values[m]:.4f}" for m in metrics])
   selections = sorted({run.config.eval.selection for run in plan})
-  notes = [f"held-out site's mean Dice (%), mean ± std over {args.seeds} seed(s) (n=k: only k finished); "
+  notes = [f"held-out site's mean {' and '.join(METRICS[m][0] for m in metrics)} over its volumes and "
+           f"foreground classes, mean ± std over {args.seeds} seed(s) (n=k: only k finished); "
            "Average = mean over held-out sites per seed, over the seeds that finished on all of them",
            f"model selection: {'; '.join(SELECTION_RULES[s] for s in selections)}"]
   if failed:
     notes.append(f"FAILED, not in the table ({len(failed)}): " +
                  "; ".join(f"{run.run_dir.relative_to(workdir)} ({why})" for run, why in failed))
   if finished:
-    table = sweep_table(rows, all_sites, args.seeds, row_sites)
-    markdown = "# Leave-one-domain-out sweep\n\n" + "".join(f"- {n}\n" for n in notes) + f"\n{table}\n"
-    if not write_tables(workdir, markdown, [["config", "method", "held_out", "seed", "unseen_dice"]] + csv_rows):
+    tables = [sweep_table(rows[m], all_sites, args.seeds, row_sites) for m in metrics]
+    if len(metrics) > 1:
+      tables = [f"## {METRICS[m][0]}\n\n{t}" for m, t in zip(metrics, tables)]
+    markdown = ("# Leave-one-domain-out sweep\n\n" + "".join(f"- {n}\n" for n in notes) + "\n"
+                + "\n\n".join(tables) + "\n")
+    header = ["config", "method", "held_out", "seed"] + [f"unseen_{m}" for m in metrics]
+    if not write_tables(workdir, markdown, [header] + csv_rows):
       return 1
   if failed:
     written = f"; the table of the {len(plan) - len(failed)} finished run(s) is in {workdir / 'sweep.md'}" \

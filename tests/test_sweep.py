@@ -331,3 +331,32 @@ def test_multisite_table_per_site_and_overall_over_volumes(tmp_path, tiny_setup,
   assert rows[0] == "config,method,bias_correction,normalization,seed,site,case,dice"
   assert len(rows) == 1 + 2 * 8
   assert sweep.main(["--multisite", "--uda", "--config", str(config_file), "--workdir", str(workdir)]) == 2
+
+
+def test_metrics_dice_and_asd_tables(tmp_path, tiny_setup, monkeypatch, capsys):
+  """--metrics dice,asd: a Dice and an ASD table of the same layout; ASD = mean over the held-out
+  volumes of the mean ASSD over classes; a run without distances shows '—'."""
+  _, config_file = tiny_setup
+
+  def fake_train(config, workdir):
+    site, seed = config.data.held_out[0], config.seed
+    records = fake_records(site, 0.5, ["x"])["records"]
+    if site == "A":   # volumes c0, c1: ASSD means 2 and 4 (seed 0), 4 and 6 (seed 1)
+      for r, asd in zip(records, ([1.0 + 2 * seed, 3.0 + 2 * seed], [3.0 + 2 * seed, 5.0 + 2 * seed], [9.0, 9.0])):
+        r["asd"] = asd
+    return {"records": records}
+
+  monkeypatch.setattr(train_lib, "train_and_evaluate", fake_train)
+  workdir = tmp_path / "s"
+  assert sweep.main(["--config", str(config_file), "--held-out", "A,B", "--seeds", "2", "--workdir", str(workdir),
+                     "--metrics", "dice,asd"]) == 0
+  markdown = (workdir / "sweep.md").read_text()
+  dice_part, asd_part = markdown.split("## ASD (mm)")
+  assert "## Dice (%)" in dice_part and "| DeepAll | 50.00 ± 0.00 | 50.00 ± 0.00 | 50.00 ± 0.00 |" in dice_part
+  # A: seed 0 -> (2 + 4) / 2 = 3, seed 1 -> 5: 4 ± 1; B has no distances: '—', so no Average
+  assert "| DeepAll | 4.00 ± 1.00 | — | — |" in asd_part
+  rows = (workdir / "sweep.csv").read_text().splitlines()
+  assert rows[0] == "config,method,held_out,seed,unseen_dice,unseen_asd"
+  assert "tiny,DeepAll,A,1,50.0000,5.0000" in rows and "tiny,DeepAll,B,0,50.0000,nan" in rows
+  assert sweep.main(["--config", str(config_file), "--workdir", str(workdir), "--metrics", "dice,hd"]) == 2
+  assert "--metrics dice,hd" in capsys.readouterr().err
