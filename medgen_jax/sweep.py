@@ -28,6 +28,10 @@ seeds finished than asked for), with the model selection rule stated. `--metrics
 an ASD (mm) table of the same layout (mean ASSD over the held-out volumes and foreground classes;
 '—' for runs trained with eval.distances=False) and an `unseen_asd` CSV column.
 
+Method `intra_site` (the upper reference) trains on the held-out site's own training cases:
+for it the sweep sets `data.sites = (site,)`, `data.held_out = ()` and scores the site's own test
+split, its row labelled "[target labels]".
+
 Unsupervised domain adaptation (`--uda`): every config × direction × seed, a direction being
 `SOURCE:TARGET` (`--directions MR:CT,CT:MR`; default every ordered pair of sites):
 
@@ -220,14 +224,14 @@ def run_one(config, run_dir: Path) -> list[dict]:
   return train_lib.train_and_evaluate(config, run_dir)["records"]
 
 
-def unseen_dice(records, site: str) -> float:
-  return mean_dice([r for r in records if r["site"] == site and r["role"] == "unseen"]) * 100
+def unseen_dice(records, site: str, role: str = "unseen") -> float:
+  return mean_dice([r for r in records if r["site"] == site and r["role"] == role]) * 100
 
 
-def unseen_asd(records, site: str) -> float:
+def unseen_asd(records, site: str, role: str = "unseen") -> float:
   """Mean over the held-out site's volumes of the mean ASSD (mm) over foreground classes; NaN when
   the run computed no distances (eval.distances False)."""
-  chosen = [r for r in records if r["site"] == site and r["role"] == "unseen"]
+  chosen = [r for r in records if r["site"] == site and r["role"] == role]
   if not chosen or any("asd" not in r for r in chosen):
     return float("nan")
   return float(np.mean([np.mean(r["asd"]) for r in chosen]))
@@ -301,7 +305,10 @@ def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
       for seed in range(args.seeds):
         config = load_config(spec, args.set)
         with config.unlocked():
-          config.data.held_out = (site,)
+          if config.method == "intra_site":   # the held-out site's own train cases (target labels)
+            config.data.sites, config.data.held_out = (site,), ()
+          else:
+            config.data.held_out = (site,)
           config.seed = seed
           config.progress_bar = False
         try:
@@ -614,7 +621,9 @@ def main(argv=None) -> int:
       continue
     for method in dict.fromkeys(r["method"] for r in records):
       mine = [r for r in records if r["method"] == method]
-      values = {m: METRICS[m][1](mine, run.site) for m in metrics}
+      # Intra-site trains on the held-out site itself: its own test split (in-domain) is the score
+      role = "in-domain" if run.config.method == "intra_site" else "unseen"
+      values = {m: METRICS[m][1](mine, run.site, role) for m in metrics}
       finished.append((name, method, run.site, run.seed, values))
 
   if args.uda:

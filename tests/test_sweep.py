@@ -360,3 +360,37 @@ def test_metrics_dice_and_asd_tables(tmp_path, tiny_setup, monkeypatch, capsys):
   assert "tiny,DeepAll,A,1,50.0000,5.0000" in rows and "tiny,DeepAll,B,0,50.0000,nan" in rows
   assert sweep.main(["--config", str(config_file), "--workdir", str(workdir), "--metrics", "dice,hd"]) == 2
   assert "--metrics dice,hd" in capsys.readouterr().err
+
+
+def test_intra_site_rows_train_and_score_the_held_out_site_itself(tmp_path, tiny_setup, monkeypatch):
+  root, config_file = tiny_setup
+  intra = tmp_path / "intra.py"
+  intra.write_text(config_file.read_text().replace("c = base_config()", "c = base_config()\n  c.method = 'intra_site'"))
+  seen = []
+
+  def fake_train(config, workdir):
+    seen.append((tuple(config.data.sites), tuple(config.data.held_out)))
+    site = config.data.sites[0]
+    return {"records": [  # its own test split is in-domain; another site's volume must be ignored
+        {"method": "Intra-site [target labels]", "site": site, "case": "c0", "role": "in-domain", "dice": [0.8, 0.8]},
+        {"method": "Intra-site [target labels]", "site": "x", "case": "c0", "role": "unseen", "dice": [0.1, 0.1]}]}
+
+  monkeypatch.setattr(train_lib, "train_and_evaluate", fake_train)
+  workdir = tmp_path / "s"
+  assert sweep.main(["--config", str(intra), "--held-out", "A,B", "--seeds", "1", "--workdir", str(workdir)]) == 0
+  assert seen == [(("A",), ()), (("B",), ())]
+  assert "| Intra-site [target labels] | 80.00 ± 0.00 | 80.00 ± 0.00 | 80.00 ± 0.00 |" in (workdir / "sweep.md").read_text()
+
+
+def test_intra_site_trains_on_one_site_and_is_labelled(tmp_path):
+  from helpers import tiny_config
+  from medgen_jax import config as config_lib
+  root = make_sites_dataset(tmp_path / "toy", sites=("A", "B"), cases=4)
+  with pytest.raises(ValueError, match="intra_site"):
+    config_lib.validate(tiny_config(root, method="intra_site"))   # C held out, no single site
+  config = tiny_config(root, method="intra_site", **{"data.sites": ("B",), "data.held_out": (), "num_steps": 2,
+                                                      "eval.selection": "last"})
+  result = train_lib.train_and_evaluate(config, tmp_path / "run")
+  assert {r["site"] for r in result["records"]} == {"B"}
+  assert {r["role"] for r in result["records"]} == {"in-domain"}
+  assert "| Intra-site [target labels] |" in result["markdown"]
