@@ -114,3 +114,23 @@ def test_multisite_configs_validate_at_every_size():
   bad = runpy.run_path(str(CONFIG_DIR / "multisite" / "normalization.py"))["get_config"]
   with pytest.raises(ValueError, match="SIZE,INTENSITIES"):
     bad("quick,zscore")
+
+
+def test_saml_ablation_rows_differ_only_in_the_two_weights_and_are_named():
+  from medgen_jax import methods
+  get_config = runpy.run_path(str(CONFIG_DIR / "saml_ablation.py"))["get_config"]
+  for size in ("quick", "full", "prostate6"):
+    rows = {row: get_config(f"{size},{row}") for row in ("meta", "compact", "full")}
+    flat = {row: dict(c.to_dict()) for row, c in rows.items()}
+    for row, c in rows.items():
+      config_lib.validate(c)
+      others = {k: v for k, v in flat[row].items() if k != "saml"}
+      assert others == {k: v for k, v in flat["full"].items() if k != "saml"}, (size, row)
+    assert [(c.saml.compactness_weight, c.saml.smoothness_weight) for c in rows.values()] == \
+        [(0.0, 0.0), (1.0, 0.0), (1.0, 0.005)]
+    assert [methods.label(c, ["A"]) for c in rows.values()] == \
+        ["Meta-learning (SAML's loss, no shape terms)", "Meta-learning + L_compact", "SAML"]
+  prostate = runpy.run_path(str(CONFIG_DIR / "saml_prostate.py"))["get_config"]()
+  assert get_config("prostate6,full").to_dict() == prostate.to_dict()
+  with pytest.raises(ValueError, match="SIZE,ROW"):
+    get_config("quick,smooth")

@@ -58,7 +58,13 @@ def make_step(config, info):
 
 
 def label(config, sources):
-  return episodic.label(LABEL, config)
+  """"SAML"; the talk's ablation rows without a shape term are named by what they keep."""
+  compact, smooth = config.saml.compactness_weight > 0, config.saml.smoothness_weight > 0
+  name = LABEL if compact and smooth else {
+      (False, False): "Meta-learning (SAML's loss, no shape terms)",
+      (True, False): "Meta-learning + L_compact",
+      (False, True): "Meta-learning + L_smooth"}.get((compact, smooth), LABEL)
+  return episodic.label(name, config)
 
 
 def perimeter_and_area(u, *, perimeter_scale: float = 1.0, eps: float = 1e-8):
