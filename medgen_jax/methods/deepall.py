@@ -103,6 +103,13 @@ def finish_step(state: TrainState, tx, grads, metrics, batch_stats, *, axis_name
 def make_train_step(model, tx: optax.GradientTransformation, config, *, num_classes: int,
                     axis_name: str | None = None, bn_sync: bool = True, **unused):
   loss_fn = make_loss_fn(model, config.loss, num_classes=num_classes, axis_name=axis_name)
+  return step_from_loss(loss_fn, tx, config, axis_name=axis_name, bn_sync=bn_sync)
+
+
+def step_from_loss(loss_fn, tx: optax.GradientTransformation, config, *, axis_name: str | None = None,
+                   bn_sync: bool = True):
+  """The one-optimizer segmenter step around `loss_fn(params, batch_stats, batch, key) -> (loss,
+  (metrics, new_batch_stats))`: per-device key, optional BigAug, one gradient, `finish_step`."""
   augment_config = config.get("augment")
 
   def step(state: TrainState, batch, key):

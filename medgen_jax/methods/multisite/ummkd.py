@@ -51,10 +51,10 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from medgen_jax import augment, losses
+from medgen_jax import losses
 from medgen_jax.losses.distillation import unmasked_kd_loss
 from medgen_jax.methods import deepall
-from medgen_jax.methods.base import fold_device, segmenter_variables
+from medgen_jax.methods.base import segmenter_variables
 from medgen_jax.models.domains import group_by_domain
 from medgen_jax.models.multimodal import SHARED, MultiModalUNet
 from medgen_jax.train_state import TrainState, compute_dtype, create_train_state, make_model, make_optimizer
@@ -140,18 +140,7 @@ def make_train_step(model, tx, config, *, num_classes: int, num_modalities: int,
   averaging, divergence flag)."""
   loss_fn = make_loss_fn(model, config, num_classes=num_classes, num_modalities=num_modalities,
                          axis_name=axis_name, names=names)
-  augment_config = config.get("augment")
-
-  def step(state: TrainState, batch, key):
-    key = fold_device(key, axis_name)
-    augment_key, dropout_key = jax.random.split(key)
-    batch = augment.maybe_augment(augment_key, batch, augment_config)
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, dropout_key)
-    return deepall.finish_step(state, tx, grads, metrics, batch_stats, axis_name=axis_name,
-                               bn_sync=bn_sync)
-
-  return step
+  return deepall.step_from_loss(loss_fn, tx, config, axis_name=axis_name, bn_sync=bn_sync)
 
 
 # --- The method interface (methods/base.py) ------------------------------------------------------
