@@ -25,7 +25,7 @@ Numbers: not measured yet.
 import runpy
 from pathlib import Path
 
-from medgen_jax.config import base_config, cpu_sized_brain, gpu_sized_brain
+from medgen_jax.config import base_config, cpu_sized_brain, gpu_sized_brain, saml_released
 
 SIZES = ("quick", "full", "prostate6")
 ROWS = {"meta": (0.0, 0.0), "compact": (1.0, 0.0), "full": (1.0, 0.005)}   # (λ_compact, λ_smooth)
@@ -40,18 +40,8 @@ def get_config(arg=None):
   if size == "prostate6":
     config = runpy.run_path(str(Path(__file__).with_name("saml_prostate.py")))["get_config"]()
   else:
-    config = base_config()
-    config.method = "saml"
+    config = saml_released(base_config())   # SAML's released loss and optimizers, on brain-sites
     config.data.held_out = ("D",)
-    # SAML's released loss and optimizers (configs/saml_prostate.py), on brain-sites
-    config.loss.ce_weight = 0.0
-    config.loss.dice_variant = "linear"
-    config.loss.weight_decay = 0.0
-    config.meta.inner_lr = 1e-4
-    config.meta.clip = 10.0
-    config.meta.optimizers = "released"
-    config.meta.task_learning_rate = 1e-4
-    config.meta.outer_clip = 10.0
     config = cpu_sized_brain(config, num_steps=300) if size == "quick" else gpu_sized_brain(config)
   config.saml.compactness_weight, config.saml.smoothness_weight = ROWS[row]
   return config

@@ -27,21 +27,12 @@ blocks).
 Numbers: none (the prostate data cannot be downloaded here; exercised by the test suite).
 """
 
-from medgen_jax.config import base_config, prostate6
+from medgen_jax.config import base_config, prostate6, saml_released
 
 
 def get_config():
-  config = prostate6(base_config())
-  config.method = "saml"
+  config = saml_released(prostate6(base_config()))
   config.batch_size = 15
-  config.loss.ce_weight = 0.0
-  config.loss.dice_variant = "linear"
-  config.loss.weight_decay = 0.0
-  config.meta.inner_lr = 1e-4
-  config.meta.clip = 10.0
-  config.meta.optimizers = "released"
-  config.meta.task_learning_rate = 1e-4   # Adam on the meta-train task loss
-  config.optimizer.learning_rate = 1e-3   # Adam on the meta objective ...
-  config.meta.outer_clip = 10.0           # ... its gradient clipped per tensor at 10
+  config.optimizer.learning_rate = 1e-3   # Adam on the meta objective
   config.saml.metric_lr = 1e-3
   return config
