@@ -275,10 +275,26 @@ def _one_line(error: BaseException) -> str:
   return " | ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
-def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
-  """Every run of the sweep with its config; SweepConfigError / DataError before any training."""
+def run_config(spec: str, overrides, seed: int, data: dict | None = None) -> ml_collections.ConfigDict:
+  """One run's config: `spec` with the --set overrides, `seed`, the `data.<key>` values of the run
+  (its sites, held-out sites, ...) and no progress bar, validated; SweepConfigError otherwise."""
   from medgen_jax import config as config_lib  # imports JAX; keep `--help` fast
 
+  config = load_config(spec, overrides)
+  with config.unlocked():
+    for key, value in (data or {}).items():
+      config.data[key] = value
+    config.seed = seed
+    config.progress_bar = False
+  try:
+    config_lib.validate(config)
+  except (ValueError, TypeError) as e:
+    raise SweepConfigError(f"--config {spec}: {_one_line(e)}") from None
+  return config
+
+
+def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
+  """Every run of the sweep with its config; SweepConfigError / DataError before any training."""
   if getattr(args, "uda", False):
     return plan_uda_runs(args)
   if getattr(args, "multisite", False):
@@ -303,18 +319,9 @@ def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
     all_sites += [s for s in held if s not in all_sites]
     for site in held:
       for seed in range(args.seeds):
-        config = load_config(spec, args.set)
-        with config.unlocked():
-          if config.method == "intra_site":   # the held-out site's own train cases (target labels)
-            config.data.sites, config.data.held_out = (site,), ()
-          else:
-            config.data.held_out = (site,)
-          config.seed = seed
-          config.progress_bar = False
-        try:
-          config_lib.validate(config)
-        except (ValueError, TypeError) as e:
-          raise SweepConfigError(f"--config {spec}: {_one_line(e)}") from None
+        # intra_site: the held-out site's own train cases (target labels)
+        data = {"sites": (site,), "held_out": ()} if base.method == "intra_site" else {"held_out": (site,)}
+        config = run_config(spec, args.set, seed, data)
         plan.append(PlannedRun(spec, site, seed, config, workdir / config_name(spec) / site / f"seed{seed}"))
   return plan, all_sites
 
@@ -354,8 +361,6 @@ def direction_name(source: str, target: str) -> str:
 
 def plan_uda_runs(args) -> tuple[list[PlannedRun], list[str]]:
   """--uda: every config × direction × seed (module docstring); `site` holds the direction."""
-  from medgen_jax import config as config_lib  # imports JAX; keep `--help` fast
-
   plan, directions = [], []
   workdir = Path(args.workdir)
   for spec in args.config:
@@ -368,18 +373,11 @@ def plan_uda_runs(args) -> tuple[list[PlannedRun], list[str]]:
       if name not in directions:
         directions.append(name)
       for seed in range(args.seeds):
-        config = load_config(spec, args.set)
-        with config.unlocked():
-          if config.method == "supervised_target":
-            config.data.sites, config.data.held_out, config.data.target_adaptation = (target,), (), False
-          else:
-            config.data.sites, config.data.held_out, config.data.target_adaptation = (source,), (target,), True
-          config.seed = seed
-          config.progress_bar = False
-        try:
-          config_lib.validate(config)
-        except (ValueError, TypeError) as e:
-          raise SweepConfigError(f"--config {spec}: {_one_line(e)}") from None
+        if base.method == "supervised_target":
+          data = {"sites": (target,), "held_out": (), "target_adaptation": False}
+        else:
+          data = {"sites": (source,), "held_out": (target,), "target_adaptation": True}
+        config = run_config(spec, args.set, seed, data)
         plan.append(PlannedRun(spec, name, seed, config, workdir / config_name(spec) / name / f"seed{seed}"))
   return plan, directions
 
@@ -416,22 +414,13 @@ def uda_table(rows: dict, class_names: list[str], seeds: int) -> str:
 def plan_multisite_runs(args) -> tuple[list[PlannedRun], list[str]]:
   """--multisite: every config × seed with the config's sites, nothing held out beyond the
   config's own `data.held_out`; `site` is unused ('')."""
-  from medgen_jax import config as config_lib  # imports JAX; keep `--help` fast
-
   plan, all_sites = [], []
   workdir = Path(args.workdir)
   for spec in args.config:
     base = load_config(spec, args.set)
     all_sites += [s for s in sites_of(base) if s not in all_sites and s not in base.data.held_out]
     for seed in range(args.seeds):
-      config = load_config(spec, args.set)
-      with config.unlocked():
-        config.seed = seed
-        config.progress_bar = False
-      try:
-        config_lib.validate(config)
-      except (ValueError, TypeError) as e:
-        raise SweepConfigError(f"--config {spec}: {_one_line(e)}") from None
+      config = run_config(spec, args.set, seed)
       plan.append(PlannedRun(spec, "", seed, config, workdir / config_name(spec) / f"seed{seed}"))
   return plan, all_sites
 
