@@ -303,6 +303,10 @@ def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
   workdir = Path(args.workdir)
   for spec in args.config:
     base = load_config(spec, args.set)
+    if base.method == "intra_site":
+      # its data.sites is the ONE site a single run trains on (configs/intra_site_brain.py: D);
+      # the sweep chooses among the dataset's sites and sets data.sites per run
+      base.data.sites = ()
     sites = sites_of(base)
     where = f"data.sites={list(base.data.sites)}" if base.data.sites else f"the dataset {base.data.root}"
     if args.held_out == "all":

@@ -365,7 +365,10 @@ def test_metrics_dice_and_asd_tables(tmp_path, tiny_setup, monkeypatch, capsys):
 def test_intra_site_rows_train_and_score_the_held_out_site_itself(tmp_path, tiny_setup, monkeypatch):
   root, config_file = tiny_setup
   intra = tmp_path / "intra.py"
-  intra.write_text(config_file.read_text().replace("c = base_config()", "c = base_config()\n  c.method = 'intra_site'"))
+  # its own data.sites names one site, as configs/intra_site_brain.py does: the sweep still
+  # chooses among all the dataset's sites
+  intra.write_text(config_file.read_text().replace(
+      "c = base_config()", "c = base_config()\n  c.method = 'intra_site'\n  c.data.sites = ('B',)"))
   seen = []
 
   def fake_train(config, workdir):
