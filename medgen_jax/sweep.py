@@ -32,6 +32,11 @@ Method `intra_site` (the upper reference) trains on the held-out site's own trai
 for it the sweep sets `data.sites = (site,)`, `data.held_out = ()` and scores the site's own test
 split, its row labelled "[target labels]".
 
+Number of source sites (`--num-sources 1,2,3` or `all`, with `--combinations all|N` and
+`--combination-seed`): every config × held-out site × k × combination of k of the other sites ×
+seed, held-out Dice (and ASD) against k in `DIR/num_sources.{md,csv,png}` (medgen_jax/num_sources.py):
+    python -m medgen_jax.sweep --num-sources all --config configs/deepall_brain.py:quick \
+        --held-out D --seeds 2 --workdir runs/num_sources_brain
 Unsupervised domain adaptation (`--uda`): every config × direction × seed, a direction being
 `SOURCE:TARGET` (`--directions MR:CT,CT:MR`; default every ordered pair of sites):
 
@@ -540,6 +545,63 @@ def write_uda_report(args, plan, finished, failed) -> int:
   return 0
 
 
+def refuse_mismatched(plan, workdir: Path) -> bool:
+  """Prints why existing run folders do not match the plan; True if any does not (nothing runs)."""
+  refused = [m for m in (check_existing_run(run.config, run.run_dir) for run in plan) if m]
+  for message in refused:
+    print(f"error: {message}", file=sys.stderr)
+  if refused:
+    print(f"error: refusing to run the sweep: {len(refused)} existing run(s) in {workdir} do not match "
+          "its settings (nothing was trained or changed)", file=sys.stderr)
+  return bool(refused)
+
+
+def train_planned(run, what: str, failed: list):
+  """One planned run's records (trained, resumed or read back), or None after reporting a failure."""
+  from medgen_jax import train_lib  # imports JAX; keep `--help` fast
+
+  print(f"[sweep] {config_name(run.spec)}: {what}, seed {run.seed} -> {run.run_dir}", flush=True)
+  try:
+    return run_one(run.config, run.run_dir)
+  except (ValueError, OSError, train_lib.TrainingDivergedError) as e:  # DataError is a ValueError
+    failed.append((run, _one_line(e)))
+    print(f"error: run {run.run_dir} failed: {_one_line(e)}", file=sys.stderr, flush=True)
+  except Exception as e:  # e.g. XLA out of memory: this run failed, the sweep goes on
+    failed.append((run, f"{type(e).__name__}: {_one_line(e)}"))
+    print(f"error: run {run.run_dir} failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr, flush=True)
+  return None
+
+
+def num_sources_main(args, metrics) -> int:
+  """--num-sources: the number-of-source-sites study (medgen_jax/num_sources.py)."""
+  from medgen_jax import num_sources
+
+  workdir = Path(args.workdir)
+  try:
+    planned, sites, notes = num_sources.plan(args, load_config=load_config, sites_of=sites_of,
+                                             run_config=run_config, config_name=config_name,
+                                             PlannedRun=PlannedRun)
+  except SweepConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if refuse_mismatched([run for run, _, _ in planned], workdir):
+    return 1
+  finished, failed = [], []
+  for run, k, sources in planned:
+    records = train_planned(run, f"held out {run.site}, sources {'+'.join(sources)}", failed)
+    if records is None:
+      continue
+    for method in dict.fromkeys(r["method"] for r in records):
+      mine = [r for r in records if r["method"] == method]
+      values = {m: METRICS[m][1](mine, run.site) for m in metrics}
+      finished.append((run, k, sources, config_name(run.spec), method, values))
+  return num_sources.write_report(args, planned, sites, notes, finished, failed, metrics,
+                                  {m: METRICS[m][0] for m in METRICS})
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m medgen_jax.sweep", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -556,14 +618,21 @@ def main(argv=None) -> int:
                       help="leave-one-domain-out table: dice, or dice,asd (a Dice and an ASD table)")
   parser.add_argument("--multisite", action="store_true",
                       help="multi-site learning: every config x seed on its own sites (no site held out)")
+  parser.add_argument("--num-sources", default=None, metavar="K,...",
+                      help="number-of-source-sites study: train on k of the sites left after holding one out "
+                           "(comma-separated k, or 'all'); see medgen_jax/num_sources.py")
+  parser.add_argument("--combinations", default="all",
+                      help="with --num-sources: 'all' k-combinations of the remaining sites, or N (a seeded sample)")
+  parser.add_argument("--combination-seed", type=int, default=0,
+                      help="with --num-sources and --combinations N: the sample's seed")
   parser.add_argument("--directions", default="all",
                       help="with --uda: SOURCE:TARGET pairs, comma-separated (default: every ordered pair)")
   args = parser.parse_args(argv)
   if args.seeds < 1:
     print(f"error: --seeds {args.seeds}: must be >= 1", file=sys.stderr)
     return 2
-  if args.uda and args.multisite:
-    print("error: --uda and --multisite: choose one setting", file=sys.stderr)
+  if sum([args.uda, args.multisite, args.num_sources is not None]) > 1:
+    print("error: --uda, --multisite and --num-sources are different settings: choose one", file=sys.stderr)
     return 2
   metrics = list(dict.fromkeys(m.strip() for m in args.metrics.split(",") if m.strip()))
   if not metrics or any(m not in METRICS for m in metrics):
@@ -571,6 +640,8 @@ def main(argv=None) -> int:
           "e.g. --metrics dice,asd", file=sys.stderr)
     return 2
   workdir = Path(args.workdir)
+  if args.num_sources is not None:
+    return num_sources_main(args, metrics)
   try:
     plan, all_sites = plan_runs(args)
   except SweepConfigError as e:
@@ -580,30 +651,15 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
 
-  refused = [m for m in (check_existing_run(run.config, run.run_dir) for run in plan) if m]
-  if refused:
-    for message in refused:
-      print(f"error: {message}", file=sys.stderr)
-    print(f"error: refusing to run the sweep: {len(refused)} existing run(s) in {workdir} do not match "
-          "its settings (nothing was trained or changed)", file=sys.stderr)
+  if refuse_mismatched(plan, workdir):
     return 1
 
-  from medgen_jax import train_lib  # imports JAX; keep `--help` fast
   finished, failed, uda_finished, multisite_finished = [], [], [], []
   for run in plan:
     name = config_name(run.spec)
     what = run.site.replace("_to_", " -> ") if args.uda else ("all sites" if args.multisite else f"held out {run.site}")
-    print(f"[sweep] {name}: {what}, seed {run.seed} -> {run.run_dir}", flush=True)
-    try:
-      records = run_one(run.config, run.run_dir)
-    except (ValueError, OSError, train_lib.TrainingDivergedError) as e:  # DataError is a ValueError
-      failed.append((run, _one_line(e)))
-      print(f"error: run {run.run_dir} failed: {_one_line(e)}", file=sys.stderr, flush=True)
-      continue
-    except Exception as e:  # e.g. XLA out of memory: this run failed, the sweep goes on
-      failed.append((run, f"{type(e).__name__}: {_one_line(e)}"))
-      print(f"error: run {run.run_dir} failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr,
-            flush=True)
+    records = train_planned(run, what, failed)
+    if records is None:
       continue
     if args.multisite:
       multisite_finished.append((run, records))
