@@ -89,6 +89,30 @@ def base_config() -> ml_collections.ConfigDict:
       "compactness_weight": 1.0, "smoothness_weight": 0.005,
       "perimeter_scale": 0.01, "compactness_reduction": "sum",   # released code's details
       "metric_loss": "triplet", "margin": 10.0, "metric_lr": 1e-3, "metric_features": (24, 16)})
+  # Epi-FCR (methods/epi_fcr.py): domain-specific U-Nets (θ_k, ψ_k) trained every
+  # step; the evaluated aggregated U-Net (θ, ψ) on Σ_k S + epir_weight·(fixed random decoder on θ)
+  # + epic_weight·(ψ on site j's fixed encoder) + epif_weight·(θ with site j's fixed decoder), on a
+  # random site i ≠ j each step; for the first `warmup_steps` steps the aggregated model trains on
+  # Σ_k S alone (released run_main_epi_fcr.sh: 2.0 / 0.05 / 0.1, `ite <= 500` = 501 steps).
+  c.epi_fcr = ml_collections.ConfigDict({
+      "epif_weight": 2.0, "epic_weight": 0.05, "epir_weight": 0.1, "warmup_steps": 501})
+  # LatReg (methods/latreg.py; Aslani et al., ISBI 2020): a site classifier
+  # (flatten or spatial `pool` -> `num_layers` x Dense(`hidden`)+ReLU -> Dense(sites)) on U-Net
+  # block `level`; loss L_seg + weight*L_reg, `loss` = uniform (CE to the uniform site
+  # distribution; released weight 0.3) | randomized (CE to a random site per slice; 0.1) |
+  # correlation (squared Pearson r of one-hot site and prediction; 0.2) | adversarial (not
+  # released: site CE through gradient reversal scaled by `reversal_scale`).
+  c.latreg = ml_collections.ConfigDict({
+      "loss": "uniform", "weight": 0.3, "level": "bottleneck", "pool": "flatten", "hidden": 1024,
+      "num_layers": 2, "reversal_scale": 1.0})
+  # MetaReg (methods/metareg.py): the first round(meta_fraction * num_steps) steps
+  # meta-train (F + one decoder per site, φ by ∂L_b/∂φ through inner_steps (l) regularized SGD
+  # steps at inner_lr (α)); φ (one weight per decoder parameter, init phi_init, projected on φ >= 0
+  # when phi_nonnegative) takes meta_optimizer sgd | adam at meta_lr; then the final F + decoder
+  # train on L + Σ φ|θ|, the decoder from final_task_init scratch | mean (of the site decoders).
+  c.metareg = ml_collections.ConfigDict({
+      "meta_fraction": 0.5, "inner_steps": 1, "inner_lr": 1e-3, "meta_optimizer": "sgd",
+      "meta_lr": 1.0, "phi_init": 0.0, "phi_nonnegative": True, "final_task_init": "scratch"})
   # MS-Net (methods/multisite/msnet.py; needs model.norm='dsbn'): shared DSBN encoder, one
   # auxiliary decoder per site (Adam_T on Σ_k S(aux_k, y_k)) and the universal DSBN decoder
   # (Adam_S on Σ_k gt_weight·S(univ_k, y_k) + transfer_weight·S(univ_k, argmax aux_k)), the

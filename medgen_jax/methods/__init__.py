@@ -8,6 +8,7 @@ from given networks and optimizers, for tests and for users who bring their own 
 from __future__ import annotations
 
 from medgen_jax.methods import deepall, intra_site, masf, mldg, saml
+from medgen_jax.methods import epi_fcr, latreg, metareg
 from medgen_jax.methods.uda import dann, source_only, supervised_target
 from medgen_jax.methods.uda import adaoutput
 from medgen_jax.methods.uda import adda, pnp_adanet
@@ -18,7 +19,7 @@ from medgen_jax.methods.multisite import ummkd
 MODULES = {
     # supervised and domain generalization
     "deepall": deepall, "separate": deepall, "mldg": mldg, "masf": masf, "saml": saml,
-    "intra_site": intra_site,
+    "intra_site": intra_site, "epi_fcr": epi_fcr, "latreg": latreg, "metareg": metareg,
     # unsupervised domain adaptation (methods/uda/)
     "source_only": source_only, "dann": dann, "supervised_target": supervised_target,
     "adaoutput": adaoutput,
