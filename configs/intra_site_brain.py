@@ -7,7 +7,8 @@ tested on one site's own cases (the held-out site's labels: "[target labels]").
 
 The sweep trains it once per held-out site on that site's train cases (data.sites=(site,),
 data.held_out=()). Full size (default) = configs/deepall_brain.py's GPU size; `:quick` = its CPU
-size (300 steps). Numbers: not measured yet.
+size (300 steps). Numbers (`:quick`, site D's own test volume, 3 seeds, 2026-11-29, runs/dg_brain):
+Dice 56.51 ± 4.55 %, ASD 6.83 ± 5.61 mm.
 """
 
 from medgen_jax.config import base_config, cpu_sized_brain, gpu_sized_brain
