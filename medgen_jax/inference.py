@@ -8,6 +8,8 @@ in-plane resampling undone by nearest neighbour), so metrics use the file's voxe
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,3 +61,85 @@ def predict_volume(predict_fn, variables, image: np.ndarray, spacing, *, normali
     factors = (image.shape[0] / resampled_shape[0], image.shape[1] / resampled_shape[1], 1.0)
     labels = ndimage.zoom(labels, factors, order=0, grid_mode=True, mode="nearest")
   return crop_or_pad(labels, image.shape[:2]).astype(np.uint8)
+
+
+# --- Sliding-window inference ------------------------------------------------------------
+# Sliding-window inference for volumes larger than what a network sees at once (3-D patch
+# models): overlapping patches, each prediction weighted by a Gaussian importance map
+# (nnU-Net, Isensee et al., Nat. Methods 2021: σ = patch/8 per axis, highest at the patch centre
+# where the receptive field is complete), averaged where patches overlap:
+#
+#     out(x) = Σ_p w(x − s_p) · f(patch_p)(x − s_p) / Σ_p w(x − s_p)
+#
+# Patches are cut and accumulated on the host and sent to `apply_fn` `batch_size` at a time (the
+# last batch padded, so one compiled shape), so the device never holds the whole volume.
+
+
+BLENDS = ("gaussian", "constant")
+
+
+def patch_starts(size: int, patch: int, overlap: float) -> list[int]:
+  """Start offsets along one axis: a stride of patch·(1 − overlap) (at least 1), and a last patch
+  flush with the end so every voxel is covered."""
+  if size <= patch:
+    return [0]
+  stride = max(1, int(round(patch * (1.0 - overlap))))
+  starts = list(range(0, size - patch + 1, stride))
+  if starts[-1] != size - patch:
+    starts.append(size - patch)
+  return starts
+
+
+def importance_map(patch_size, blend: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
+  """The per-voxel weight of a patch's prediction: a separable Gaussian with σ = sigma_scale ·
+  patch per axis centred on the patch (max 1; zeros, if any, raised to the smallest positive
+  value so every voxel keeps a weight), or ones ('constant')."""
+  if blend not in BLENDS:
+    raise ValueError(f"blend={blend!r}: use one of {', '.join(BLENDS)}")
+  if blend == "constant":
+    return np.ones(patch_size, np.float32)
+  weight = np.ones((), np.float64)
+  for n in patch_size:
+    x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+    weight = np.multiply.outer(weight, np.exp(-0.5 * (x / (sigma_scale * n)) ** 2))
+  weight = weight / weight.max()
+  weight[weight <= 0] = weight[weight > 0].min()
+  return weight.astype(np.float32)
+
+
+def sliding_window_predict(apply_fn, volume, *, patch_size, overlap: float = 0.5, blend: str = "gaussian",
+                           batch_size: int = 4) -> np.ndarray:
+  """`apply_fn`: [B, *patch_size, C] → [B, *patch_size, K]; `volume`: [*spatial, C] → [*spatial, K]
+  (float32), blended as in the module docstring. A volume smaller than the patch along an axis
+  is zero-padded at its end for the forward pass and the output cropped back."""
+  volume = np.asarray(volume)
+  patch_size = tuple(int(p) for p in patch_size)
+  spatial = volume.shape[:-1]
+  if len(patch_size) != len(spatial):
+    raise ValueError(f"patch_size {patch_size} has {len(patch_size)} axes; the volume {volume.shape} has "
+                     f"{len(spatial)} spatial axes (+ channels last)")
+  if not 0.0 <= overlap < 1.0:
+    raise ValueError(f"overlap={overlap}: must be in [0, 1)")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}: must be >= 1")
+  padded_shape = tuple(max(s, p) for s, p in zip(spatial, patch_size))
+  if padded_shape != spatial:
+    pad = [(0, t - s) for s, t in zip(spatial, padded_shape)] + [(0, 0)]
+    volume = np.pad(volume, pad)
+  weight_map = importance_map(patch_size, blend)
+  corners = list(itertools.product(*(patch_starts(s, p, overlap) for s, p in zip(padded_shape, patch_size))))
+  total, norm = None, np.zeros(padded_shape, np.float32)
+  for first in range(0, len(corners), batch_size):
+    chunk = corners[first:first + batch_size]
+    patches = np.stack([volume[tuple(slice(c, c + p) for c, p in zip(corner, patch_size))] for corner in chunk])
+    if len(chunk) < batch_size:   # one compiled shape for every batch
+      patches = np.concatenate([patches, np.zeros((batch_size - len(chunk),) + patches.shape[1:], patches.dtype)])
+    logits = np.asarray(apply_fn(patches), np.float32)[:len(chunk)]
+    if total is None:
+      total = np.zeros(padded_shape + logits.shape[-1:], np.float32)
+    for corner, out in zip(chunk, logits):
+      where = tuple(slice(c, c + p) for c, p in zip(corner, patch_size))
+      total[where] += out * weight_map[..., None]
+      norm[where] += weight_map
+  result = total / norm[..., None]
+  return result[tuple(slice(0, s) for s in spatial)]
