@@ -28,14 +28,21 @@ LABEL = "DeepAll"
 SAMPLER = "pooled"
 
 
-def segmentation_terms(logits, labels, params, loss_config, *, num_classes: int,
-                       axis_name: str | None = None):
-  """The task loss on logits: weighted CE + Dice (+ L2 on kernels). Returns (loss, metrics)."""
-  seg, metrics = losses.segmentation_loss(
+def config_segmentation_loss(logits, labels, loss_config, *, num_classes: int, axis_name: str | None = None):
+  """losses.segmentation_loss (weighted CE + Dice) with config.loss's settings. Returns (loss,
+  metrics); sums over `logits`' samples only (and over devices with `axis_name`)."""
+  return losses.segmentation_loss(
       logits, labels, num_classes=num_classes, ce_weight=loss_config.ce_weight,
       dice_weight=loss_config.dice_weight, dice_variant=loss_config.dice_variant,
       include_background=loss_config.include_background, class_weights=loss_config.class_weights,
       ce_clip=loss_config.ce_clip, axis_name=axis_name)
+
+
+def segmentation_terms(logits, labels, params, loss_config, *, num_classes: int,
+                       axis_name: str | None = None):
+  """The task loss on logits: weighted CE + Dice (+ L2 on kernels). Returns (loss, metrics)."""
+  seg, metrics = config_segmentation_loss(logits, labels, loss_config, num_classes=num_classes,
+                                          axis_name=axis_name)
   l2 = losses.l2_kernel_loss(params, coefficient=loss_config.weight_decay)
   return seg + l2, dict(metrics, loss=seg + l2, loss_l2=l2)
 

@@ -178,11 +178,8 @@ def make_objectives(model, config, *, num_classes: int, num_domains: int, axis_n
     return logits, updates.get("batch_stats", stats)
 
   def seg(logits, labels):
-    loss, metrics = losses.segmentation_loss(
-        logits, labels, num_classes=num_classes, ce_weight=loss_config.ce_weight,
-        dice_weight=loss_config.dice_weight, dice_variant=loss_config.dice_variant,
-        include_background=loss_config.include_background, class_weights=loss_config.class_weights,
-        ce_clip=loss_config.ce_clip, axis_name=axis_name)
+    loss, metrics = deepall.config_segmentation_loss(logits, labels, loss_config, num_classes=num_classes,
+                                                     axis_name=axis_name)
     return loss, metrics["dice"]
 
   def per_site(grouped_logits, grouped_labels):

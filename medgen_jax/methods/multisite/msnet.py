@@ -90,6 +90,7 @@ import optax
 from medgen_jax import augment, losses
 from medgen_jax.methods.base import (Phases, device_mean, flag_non_finite, fold_device,
                                      segmenter_variables, state_norms)
+from medgen_jax.methods import deepall
 from medgen_jax.methods.deepall import bn_synced
 from medgen_jax.models.domains import group_by_domain
 from medgen_jax.models.msnet import BRANCHES, MSNet, parts, teacher_name
@@ -184,11 +185,8 @@ def optimizers(config):
 def site_loss(logits, labels, loss_config, *, num_classes: int, axis_name: str | None = None):
   """S(p, y) on one site's samples: config.loss's CE + Dice, sums over those samples only (and
   over devices with `axis_name`). Returns (loss, per-class Dice)."""
-  loss, metrics = losses.segmentation_loss(
-      logits, labels, num_classes=num_classes, ce_weight=loss_config.ce_weight,
-      dice_weight=loss_config.dice_weight, dice_variant=loss_config.dice_variant,
-      include_background=loss_config.include_background, class_weights=loss_config.class_weights,
-      ce_clip=loss_config.ce_clip, axis_name=axis_name)
+  loss, metrics = deepall.config_segmentation_loss(logits, labels, loss_config, num_classes=num_classes,
+                                                   axis_name=axis_name)
   return loss, metrics["dice"]
 
 

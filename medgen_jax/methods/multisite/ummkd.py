@@ -98,11 +98,8 @@ def objective(logits, labels, domain, params, config, *, num_classes: int, num_m
   seg, metrics = 0.0, {}
   per_modality = []
   for k in range(num_modalities):
-    seg_k, m = losses.segmentation_loss(
-        logits_k[k], labels_k[k], num_classes=num_classes, ce_weight=lc.ce_weight,
-        dice_weight=lc.dice_weight, dice_variant=lc.dice_variant,
-        include_background=lc.include_background, class_weights=lc.class_weights,
-        ce_clip=lc.ce_clip, axis_name=axis_name)
+    seg_k, m = deepall.config_segmentation_loss(logits_k[k], labels_k[k], lc, num_classes=num_classes,
+                                                axis_name=axis_name)
     seg = seg + seg_k
     metrics[f"loss_seg_{names[k]}"] = seg_k
     per_modality.append(m)

@@ -269,11 +269,8 @@ def seg_update(state, batch, key, config, info):
   labels = batch["source"]["label"]
 
   def seg_terms(logits):
-    loss, metrics = losses.segmentation_loss(
-        logits, labels, num_classes=info.num_classes, ce_weight=config.loss.ce_weight,
-        dice_weight=config.loss.dice_weight, dice_variant=config.loss.dice_variant,
-        include_background=config.loss.include_background, class_weights=config.loss.class_weights,
-        ce_clip=config.loss.ce_clip, axis_name=info.axis_name)
+    loss, metrics = deepall.config_segmentation_loss(logits, labels, config.loss, num_classes=info.num_classes,
+                                                     axis_name=info.axis_name)
     return loss, metrics
 
   def objective(params):
