@@ -19,7 +19,6 @@ sites, bars = std over held-out sites × combinations × seeds).
 
 from __future__ import annotations
 
-import csv
 import io
 import itertools
 import sys
@@ -191,15 +190,14 @@ def write_report(args, planned, sites, notes, finished, failed, metrics, metric_
   header = ["config", "method", "held_out", "k", "sources", "seed"] + [f"unseen_{m}" for m in metrics]
   rows = [header] + [[name, method, run.site, k, "+".join(sources), run.seed] + [f"{values[m]:.4f}" for m in metrics]
                      for run, k, sources, name, method, values in finished]
-  buffer = io.StringIO()
-  csv.writer(buffer).writerows(rows)
-  print(markdown)
+  from medgen_jax.sweep import write_tables   # sweep imports this module when it runs the study
+  if not write_tables(workdir, markdown, rows, stem="num_sources"):
+    return 1
   try:
-    write_bytes_atomic(workdir / "num_sources.md", markdown.encode())
-    write_bytes_atomic(workdir / "num_sources.csv", buffer.getvalue().encode())
     write_png(results, counts, workdir / "num_sources.png")
   except OSError as e:
-    print(f"error: cannot write to {workdir} ({e.strerror or e}); the table is printed above", file=sys.stderr)
+    print(f"error: cannot write {workdir / 'num_sources.png'} ({e.strerror or e}); the table is printed above",
+          file=sys.stderr)
     return 1
   if failed:
     print(f"error: {len(failed)} of {len(planned)} run(s) failed (listed above)", file=sys.stderr)

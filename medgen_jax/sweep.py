@@ -335,17 +335,17 @@ def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
   return plan, all_sites
 
 
-def write_tables(workdir: Path, markdown: str, csv_rows: list) -> bool:
-  """Prints the table and writes DIR/sweep.md and DIR/sweep.csv; False (one error line) if they
+def write_tables(workdir: Path, markdown: str, csv_rows: list, *, stem: str = "sweep") -> bool:
+  """Prints the table and writes DIR/<stem>.md and DIR/<stem>.csv; False (one error line) if they
   cannot be written."""
   buffer = io.StringIO()
   csv.writer(buffer).writerows(csv_rows)
   print(markdown)
   try:
-    write_bytes_atomic(workdir / "sweep.md", markdown.encode())
-    write_bytes_atomic(workdir / "sweep.csv", buffer.getvalue().encode())
+    write_bytes_atomic(workdir / f"{stem}.md", markdown.encode())
+    write_bytes_atomic(workdir / f"{stem}.csv", buffer.getvalue().encode())
   except OSError as e:
-    print(f"error: cannot write {workdir / 'sweep.md'} ({e.strerror or e}); the table is printed above",
+    print(f"error: cannot write {workdir / f'{stem}.md'} ({e.strerror or e}); the table is printed above",
           file=sys.stderr)
     return False
   return True
