@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medgen_jax.models import UNet
+from medgen_jax.models import UNet, UNet3D
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -61,9 +61,18 @@ def compute_dtype(name: str):
 
 
 def make_model(model_config: ml_collections.ConfigDict, *, num_classes: int, dtype: str = "float32",
-               bn_axis_name: str | None = None, num_domains: int = 1) -> UNet:
+               bn_axis_name: str | None = None, num_domains: int = 1) -> UNet | UNet3D:
+  if model_config.name == "unet3d":   # 3-D patches (models/unet3d.py); () = isotropic 2 / 3
+    if model_config.get("adapter", "none") != "none" or model_config.get("se", "none") != "none":
+      raise ValueError("model.name='unet3d' has no adapters or squeeze-and-excitation: set "
+                       "model.adapter='none' and model.se='none'")
+    return UNet3D(num_classes=num_classes, base_features=model_config.base_features,
+                  depth=model_config.depth, dropout=model_config.dropout, norm=model_config.norm,
+                  bn_axis_name=bn_axis_name, dtype=compute_dtype(dtype), fast_ops=model_config.fast_ops,
+                  num_domains=num_domains, pool_sizes=tuple(model_config.get("pool_sizes", ())),
+                  kernel_sizes=tuple(model_config.get("kernel_sizes", ())))
   if model_config.name != "unet":
-    raise ValueError(f"unknown model {model_config.name!r} (config model.name); available: unet")
+    raise ValueError(f"unknown model {model_config.name!r} (config model.name); available: unet, unet3d")
   # Adapters / squeeze-and-excitation (models/adapters.py); .get: a run saved before these keys
   # existed builds its model without them.
   return UNet(num_classes=num_classes, base_features=model_config.base_features,
