@@ -12,6 +12,14 @@ a pure function of (state, batch, key). Usable with any method (`config.augment.
 Intensity transforms work in units of each image's own standard deviation, so they suit
 z-scored, [0, 1]-scaled or histogram-standardized inputs alike. Ranges (defaults below) follow
 MONAI/torchio conventions where the BigAug paper leaves them open.
+
+3-D patches (image [B, D, H, W, C], label [B, D, H, W]; BigAug itself is 3-D) take the same
+config and the same transforms, generalized: blur and sharpening are separable along D, H and W;
+noise and the intensity transforms are unchanged (statistics over the whole patch); the rotation
+is about the slice axis D (in the H-W plane, as nnU-Net restricts rotations of anisotropic
+data), the scaling is the same factor along every axis, and the elastic displacement has a
+component along each axis (a coarse [3, g, g, g] field, in voxels). The 2-D path computes
+exactly what it did before the 3-D generalization.
 """
 
 from __future__ import annotations
@@ -43,8 +51,9 @@ def default_augment_config() -> ml_collections.ConfigDict:
   })
 
 
-def sample_params(key, batch_size: int, config) -> dict:
-  """Every random number of one batch's augmentation, [B] (or [B, 2, g, g]) arrays."""
+def sample_params(key, batch_size: int, config, *, ndim: int = 2) -> dict:
+  """Every random number of one batch's augmentation, [B] arrays, and the elastic field
+  [B, ndim, g, ..., g] for `ndim` spatial axes (2: slices, 3: patches)."""
   keys = dict(zip(TRANSFORMS + ("elastic_field", "noise_seed"), jax.random.split(key, len(TRANSFORMS) + 2)))
   params = {}
   for name in TRANSFORMS:
@@ -64,7 +73,8 @@ def sample_params(key, batch_size: int, config) -> dict:
   params["rotation"] = jnp.deg2rad(uniform("rotation", config.rotation_deg))
   params["scale"] = uniform("scaling", config.scale)
   g = config.elastic_grid
-  params["elastic_field"] = config.elastic_std * jax.random.normal(keys["elastic_field"], (batch_size, 2, g, g))
+  params["elastic_field"] = config.elastic_std * jax.random.normal(keys["elastic_field"],
+                                                                   (batch_size, ndim) + (g,) * ndim)
   params["noise_seed"] = jax.random.split(keys["noise_seed"], batch_size)
   return params
 
@@ -76,17 +86,22 @@ def _gaussian_weights(sigma):
 
 
 def _blur(image, weights):
-  """Separable blur of [H, W, C] with edge padding."""
-  h, w = image.shape[:2]
-  out = jnp.pad(image, ((BLUR_RADIUS, BLUR_RADIUS), (0, 0), (0, 0)), mode="edge")
-  out = sum(weights[k] * out[k:k + h] for k in range(2 * BLUR_RADIUS + 1))
-  out = jnp.pad(out, ((0, 0), (BLUR_RADIUS, BLUR_RADIUS), (0, 0)), mode="edge")
-  return sum(weights[k] * out[:, k:k + w] for k in range(2 * BLUR_RADIUS + 1))
+  """Separable blur of [*spatial, C] along every spatial axis, with edge padding."""
+  out = image
+  for axis in range(image.ndim - 1):
+    n = out.shape[axis]
+    pad = [(0, 0)] * out.ndim
+    pad[axis] = (BLUR_RADIUS, BLUR_RADIUS)
+    out = jnp.pad(out, pad, mode="edge")
+    index = lambda k: (slice(None),) * axis + (slice(k, k + n),)
+    out = sum(weights[k] * out[index(k)] for k in range(2 * BLUR_RADIUS + 1))
+  return out
 
 
 def apply_params(p: dict, image, label):
-  """Deterministic augmentation of one sample: image [H, W, C] float, label [H, W] int."""
-  h, w = label.shape
+  """Deterministic augmentation of one sample: image [*spatial, C] float, label [*spatial] int,
+  2-D ([H, W]) or 3-D ([D, H, W]; the elastic field of `sample_params(..., ndim=3)`)."""
+  shape = label.shape
   image = image.astype(jnp.float32)
   std = jnp.maximum(jnp.std(image), 1e-6)
   delta = (jnp.arange(2 * BLUR_RADIUS + 1) == BLUR_RADIUS).astype(jnp.float32)
@@ -103,16 +118,21 @@ def apply_params(p: dict, image, label):
   gamma = lo + span * ((image - lo) / span) ** p["gamma"]
   image = jnp.where(p["gamma_on"], gamma, image)
 
+  # Output voxel -> source coordinates: rotation in the last two axes (H, W), about the centre;
+  # every axis scaled by 1 / scale about the centre; plus the elastic displacement.
   angle = jnp.where(p["rotation_on"], p["rotation"], 0.0)
   scale = jnp.where(p["scaling_on"], p["scale"], 1.0)
   cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
-  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
-  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  grids = jnp.meshgrid(*(jnp.arange(n, dtype=jnp.float32) for n in shape), indexing="ij")
+  centre = [(n - 1) / 2.0 for n in shape]
+  yy, xx = grids[-2:]
+  cy, cx = centre[-2:]
   src_y = cy + cos * (yy - cy) - sin * (xx - cx)
   src_x = cx + sin * (yy - cy) + cos * (xx - cx)
-  field = jax.image.resize(p["elastic_field"], (2, h, w), method="cubic")
+  src = [c + (g - c) / scale for g, c in zip(grids[:-2], centre[:-2])] + [src_y, src_x]
+  field = jax.image.resize(p["elastic_field"], (len(shape),) + shape, method="cubic")
   field = jnp.where(p["elastic_on"], field, 0.0)
-  coords = [src_y + field[0], src_x + field[1]]
+  coords = [s + f for s, f in zip(src, field)]
   warped = jnp.stack([jndimage.map_coordinates(image[..., c], coords, order=1, mode="nearest")
                       for c in range(image.shape[-1])], axis=-1)
   warped_label = jndimage.map_coordinates(label, coords, order=0, mode="constant", cval=0)
@@ -120,8 +140,9 @@ def apply_params(p: dict, image, label):
 
 
 def augment_batch(key, batch: dict, config) -> dict:
-  """BigAug on a batch {'image': [B, H, W, C], 'label': [B, H, W], ...}; other keys kept."""
-  params = sample_params(key, batch["image"].shape[0], config)
+  """BigAug on a batch {'image': [B, H, W, C], 'label': [B, H, W], ...} of slices or
+  {'image': [B, D, H, W, C], 'label': [B, D, H, W], ...} of 3-D patches; other keys kept."""
+  params = sample_params(key, batch["image"].shape[0], config, ndim=batch["label"].ndim - 1)
   image, label = jax.vmap(apply_params)(params, batch["image"], batch["label"])
   return dict(batch, image=image, label=label)
 
