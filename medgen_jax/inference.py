@@ -73,6 +73,17 @@ def predict_volume(predict_fn, variables, image: np.ndarray, spacing, *, normali
 #
 # Patches are cut and accumulated on the host and sent to `apply_fn` `batch_size` at a time (the
 # last batch padded, so one compiled shape), so the device never holds the whole volume.
+#
+# Against the references (tests/test_sliding_window.py, MONAI oracle): patch placement and the
+# Gaussian are MONAI's (monai.inferers.sliding_window_inference, mode='gaussian',
+# sigma_scale=0.125): the same start offsets whenever patch·(1 − overlap) is a whole number (MONAI
+# floors a fractional stride, we round it), the same exp(−x²/2σ²) about the patch centre
+# (p − 1)/2, and the same output (≤ 1e-5) given the same weights. Three differences: MONAI floors
+# its weights at 1e-3 (here only zeros are raised, as nnU-Net does), which changes the blend
+# wherever several patches overlap only with their low-weight borders; a volume smaller than the
+# patch is zero-padded at the end here, symmetrically by MONAI; and nnU-Net itself spreads its
+# steps evenly ((size − patch) / (n − 1), rounded) and centres its Gaussian at p // 2, so both
+# differ from nnU-Net's for some sizes (same σ, same idea).
 
 
 BLENDS = ("gaussian", "constant")

@@ -78,3 +78,77 @@ def test_starts_importance_map_and_bad_arguments():
                        ({"patch_size": (4, 4), "blend": "median"}, "blend")]:
     with pytest.raises(ValueError, match=text):
       sliding_window_predict(voxelwise, volume, **kwargs)
+
+
+# --- MONAI oracle (optional: pip install 'medgen_jax[oracle]') ----------------------------------
+# A fixed random non-local network (3x3x3 'SAME' convolution: outputs near a patch's border see
+# its zero padding; plus the patch mean), the same JAX function behind both implementations.
+W3 = RNG.normal(size=(3, 3, 3, 2, 4)).astype(np.float32) * 0.3
+W4 = RNG.normal(size=(4, 3)).astype(np.float32)
+
+
+@jax.jit
+def conv_net(x):   # [B, D, H, W, 2] -> [B, D, H, W, 3]
+  h = jax.lax.conv_general_dilated(x, W3, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  return jnp.tanh(h) @ W4 + jnp.mean(x, axis=(1, 2, 3), keepdims=True)[..., :1]
+
+
+def monai_predict(volume, patch, **kwargs):
+  """MONAI's sliding_window_inference on [*spatial, C] (it works channel-first, batch of one)."""
+  torch = pytest.importorskip("torch")
+  inferers = pytest.importorskip("monai.inferers")
+  def predictor(t):
+    out = np.asarray(conv_net(np.moveaxis(t.numpy(), 1, -1)))
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(out, -1, 1)))
+  x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, -1, 0)[None]))
+  out = inferers.sliding_window_inference(x, patch, 4, predictor, overlap=0.5, **kwargs)
+  return np.moveaxis(out[0].numpy(), 0, -1)
+
+
+def test_monai_oracle_same_patches_same_blend():
+  """Even patch sizes (MONAI's stride int(p/2) = ours round(p/2)), volume >= patch: MONAI's
+  output equals ours exactly with constant weights, and with Gaussian weights once it is given
+  our importance map (its own differs only by its 1e-3 floor: next test)."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("monai")
+  volume = RNG.normal(size=(10, 13, 12, 2)).astype(np.float32)
+  patch = (4, 6, 8)
+  for blend in ("constant", "gaussian"):
+    ours = sliding_window_predict(conv_net, volume, patch_size=patch, overlap=0.5, blend=blend, batch_size=4)
+    weights = {"roi_weight_map": torch.from_numpy(importance_map(patch))} if blend == "gaussian" else {}
+    theirs = monai_predict(volume, patch, mode=blend, **weights)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+  assert np.abs(ours - sliding_window_predict(conv_net, volume, patch_size=patch, blend="constant")).max() > 0.1
+
+
+def test_monai_oracle_gaussian_map_and_default_blend():
+  """MONAI's own map (mode='gaussian', sigma_scale=0.125) = the same separable Gaussian
+  exp(-x²/2σ²), σ = p/8, x from the patch centre (p-1)/2, not rescaled to max 1 (a factor that
+  cancels in the blend) and floored at 1e-3 (ours raises only zeros, as nnU-Net). Where that
+  floor is inactive (patch (1, 2, 4): smallest weight e^-2·e^-4.5 = 1.5e-3), MONAI's default
+  output equals ours."""
+  pytest.importorskip("torch")
+  data_utils = pytest.importorskip("monai.data.utils")
+  for patch in [(4, 6, 8), (1, 2, 4)]:
+    theirs = data_utils.compute_importance_map(patch, mode="gaussian", sigma_scale=0.125).numpy()
+    np.testing.assert_allclose(theirs, np.maximum(importance_map(patch) * theirs.max(), 1e-3), rtol=1e-5, atol=1e-8)
+  volume = RNG.normal(size=(3, 5, 9, 2)).astype(np.float32)
+  ours = sliding_window_predict(conv_net, volume, patch_size=(1, 2, 4), overlap=0.5, batch_size=4)
+  np.testing.assert_allclose(ours, monai_predict(volume, (1, 2, 4), mode="gaussian", sigma_scale=0.125),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_patch_starts_are_monais_when_the_stride_is_whole():
+  """MONAI's stride is int(p·(1 − overlap)), ours round(p·(1 − overlap)): the same start offsets
+  whenever p·(1 − overlap) is an integer (e.g. even p at overlap 0.5)."""
+  pytest.importorskip("torch")
+  data_utils = pytest.importorskip("monai.data.utils")
+  inferer_utils = pytest.importorskip("monai.inferers.utils")
+  for overlap in (0.25, 0.5, 0.75):
+    for p in range(1, 13):
+      for size in range(p, 30):
+        interval = inferer_utils._get_scan_interval((size,), (p,), 1, (overlap,))
+        theirs = [s[0].start for s in data_utils.dense_patch_slices((size,), (p,), interval)]
+        if float(p * (1 - overlap)).is_integer():
+          assert patch_starts(size, p, overlap) == theirs, (overlap, p, size)
+  assert patch_starts(11, 7, 0.5) == [0, 4] and [s[0].start for s in data_utils.dense_patch_slices((11,), (7,), (3,))] == [0, 3, 4]
