@@ -169,18 +169,18 @@ def write_png(results, counts: list[int], path: Path) -> None:
   write_bytes_atomic(path, buffer.getvalue())
 
 
-def write_report(args, planned, sites, notes, finished, failed, metrics, metric_names) -> int:
-  """finished: [(run, k, sources, config name, method, {metric: value})] -> num_sources.{md,csv,png}."""
+def write_report(args, planned, sites, notes, finished, failed, metrics, metric_names, *, missing=()) -> int:
+  """finished: [(run, k, sources, config name, method, {metric: value})] -> num_sources.{md,csv,png};
+  failed [(run, why)] and missing (not finished, `sweep --report`) are listed in its notes."""
+  from medgen_jax.sweep import absent_notes, write_tables   # sweep imports this module when it runs the study
+
   workdir = Path(args.workdir)
   counts = sorted({k for _, k, _ in planned})
   results = [(method, run.site, k, sources, run.seed, values) for run, k, sources, _, method, values in finished]
   lines = [f"held-out site's mean {' and '.join(metric_names[m] for m in metrics)} over its volumes and "
            f"foreground classes; cells mean ± std over combinations of k source sites × seeds "
            f"({args.seeds} seed(s), combinations: {args.combinations}); Average = mean over held-out sites"]
-  lines += notes
-  if failed:
-    lines.append(f"FAILED, not in the table ({len(failed)}): "
-                 + "; ".join(f"{run.run_dir.relative_to(workdir)} ({why})" for run, why in failed))
+  lines += notes + absent_notes(workdir, failed, missing)
   if not finished:
     print("error: no run finished, so no table was written", file=sys.stderr)
     return 1
@@ -190,7 +190,6 @@ def write_report(args, planned, sites, notes, finished, failed, metrics, metric_
   header = ["config", "method", "held_out", "k", "sources", "seed"] + [f"unseen_{m}" for m in metrics]
   rows = [header] + [[name, method, run.site, k, "+".join(sources), run.seed] + [f"{values[m]:.4f}" for m in metrics]
                      for run, k, sources, name, method, values in finished]
-  from medgen_jax.sweep import write_tables   # sweep imports this module when it runs the study
   if not write_tables(workdir, markdown, rows, stem="num_sources"):
     return 1
   try:

@@ -64,6 +64,23 @@ intensity normalization (columns `BFC`, `Intensities`), columns per site and `Ov
 mean ± std over the test volumes of every seed of the per-volume mean foreground Dice (%);
 `Separate` gets one row per site model over all sites (the cross-site matrix) and a `Separate`
 row made of each site's own model. `DIR/sweep.csv` has every run × volume.
+
+Clusters (any mode above). Every run is resumable and idempotent, so the grid can be split over
+machines and gathered afterwards; the scheduling is Slurm's or submitit's, not this module's:
+
+  * `--shard K/N`: this process runs only the K-th of N disjoint slices that together cover the
+    planned runs (`shard_indices`: runs ranked by their folder, every N-th from the K-th), e.g.
+    one per machine or per Slurm array task (`--shard $((SLURM_ARRAY_TASK_ID + 1))/N`). Every
+    shard must get the same command; a shard writes no table.
+  * `--executor slurm|local`: one submitit job per run not finished yet, submitted as one job array
+    (`executor.map_array`), each job calling `attempt_run` — the function the sweep calls for a run
+    in its own process — pickled by submitit; the sweep waits and writes the table, or exits at
+    once with `--no-wait`. A job that reaches its time limit or is preempted is requeued by
+    submitit and resumes from its checkpoints. `local` starts every job at once as a subprocess
+    of this machine (the tests' stand-in for Slurm).
+  * `--report`: trains nothing; the table of the runs that have finished (`results.json`) in
+    `DIR`, the others listed as not finished (started, i.e. resumable, or not started). The same
+    refusal of runs with other settings applies.
 """
 
 from __future__ import annotations
@@ -219,14 +236,16 @@ def check_existing_run(config, run_dir: Path) -> str | None:
   return None
 
 
-def run_one(config, run_dir: Path) -> list[dict]:
-  """The run's per-volume records: read from a finished run, else trained (or resumed)."""
-  from medgen_jax import train_lib  # imports JAX; keep `--help` fast
-
+def run_one(config, run_dir: Path, *, train=None) -> list[dict]:
+  """The run's per-volume records: read from a finished run, else trained (or resumed) by `train`
+  (default: train_lib.train_and_evaluate)."""
   done = run_dir / "results.json"
   if done.is_file():
     return json.loads(done.read_text())["records"]
-  return train_lib.train_and_evaluate(config, run_dir)["records"]
+  if train is None:
+    from medgen_jax import train_lib  # imports JAX; keep `--help` fast
+    train = train_lib.train_and_evaluate
+  return train(config, run_dir)["records"]
 
 
 def unseen_dice(records, site: str, role: str = "unseen") -> float:
@@ -465,7 +484,21 @@ def multisite_table(rows: dict, sites: list[str]) -> str:
   return "\n".join(lines)
 
 
-def write_multisite_report(args, plan, sites, finished, failed) -> int:
+def absent_notes(workdir: Path, failed, missing=()) -> list[str]:
+  """The table notes naming the runs that are not in it: failed ([(run, why)]) and, for
+  `--report`, not finished ([run]: started = it has a config.json and resumes when rerun)."""
+  notes = []
+  if failed:
+    notes.append(f"FAILED, not in the table ({len(failed)}): " +
+                 "; ".join(f"{run.run_dir.relative_to(workdir)} ({why})" for run, why in failed))
+  if missing:
+    notes.append(f"NOT FINISHED, not in the table ({len(missing)}): " + "; ".join(
+        f"{run.run_dir.relative_to(workdir)} "
+        f"({'started' if (run.run_dir / 'config.json').is_file() else 'not started'})" for run in missing))
+  return notes
+
+
+def write_multisite_report(args, plan, sites, finished, failed, missing=()) -> int:
   workdir = Path(args.workdir)
   seeds_done = {}
   for run, _ in finished:
@@ -475,9 +508,7 @@ def write_multisite_report(args, plan, sites, finished, failed) -> int:
            + ", ".join(f"{name}: {len(s)}" for name, s in seeds_done.items()) + ")",
            "BFC: bias-field correction (data.bias_correction); Intensities: data.normalization.name",
            f"model selection: {'; '.join(SELECTION_RULES[s] for s in sorted({r.config.eval.selection for r in plan}))}"]
-  if failed:
-    notes.append(f"FAILED, not in the table ({len(failed)}): " +
-                 "; ".join(f"{run.run_dir.relative_to(workdir)} ({why})" for run, why in failed))
+  notes += absent_notes(workdir, failed, missing)
   if not finished:
     print("error: no run finished, so no table was written", file=sys.stderr)
     return 1
@@ -497,16 +528,14 @@ def write_multisite_report(args, plan, sites, finished, failed) -> int:
   return 0
 
 
-def write_uda_report(args, plan, finished, failed) -> int:
+def write_uda_report(args, plan, finished, failed, missing=()) -> int:
   """finished: [(run, method label, records)] -> DIR/sweep.md (a table per direction) and sweep.csv."""
   workdir = Path(args.workdir)
   notes = [f"target test volumes, mean ± std over {args.seeds} seed(s) (n=k: only k finished); Dice and ASD "
            "per structure, 'mean' = mean over structures; no target label was used for training or model "
            "selection except in rows marked [target labels] or [oracle]",
            f"model selection: {'; '.join(SELECTION_RULES[s] for s in sorted({r.config.eval.selection for r in plan}))}"]
-  if failed:
-    notes.append(f"FAILED, not in the table ({len(failed)}): " +
-                 "; ".join(f"{run.run_dir.relative_to(workdir)} ({why})" for run, why in failed))
+  notes += absent_notes(workdir, failed, missing)
   sections, csv_rows = [], [["config", "method", "direction", "seed", "structure", "dice", "asd"]]
   configs_of: dict[str, set] = {}
   for run, method, _ in finished:
@@ -556,54 +585,309 @@ def refuse_mismatched(plan, workdir: Path) -> bool:
   return bool(refused)
 
 
-def train_planned(run, what: str, failed: list):
-  """One planned run's records (trained, resumed or read back), or None after reporting a failure."""
-  from medgen_jax import train_lib  # imports JAX; keep `--help` fast
-
-  print(f"[sweep] {config_name(run.spec)}: {what}, seed {run.seed} -> {run.run_dir}", flush=True)
+def attempt_run(run: PlannedRun, *, train=None) -> tuple[list | None, str | None]:
+  """THE function for one planned run, called in the sweep's process or as a submitit job:
+  (its per-volume records, None) once trained, resumed or read back, or (None, why it failed, on
+  one line). `train`: see run_one."""
   try:
-    return run_one(run.config, run.run_dir)
-  except (ValueError, OSError, train_lib.TrainingDivergedError) as e:  # DataError is a ValueError
-    failed.append((run, _one_line(e)))
-    print(f"error: run {run.run_dir} failed: {_one_line(e)}", file=sys.stderr, flush=True)
+    return run_one(run.config, run.run_dir, train=train), None
+  except (ValueError, OSError) as e:  # DataError is a ValueError
+    return None, _one_line(e)
   except Exception as e:  # e.g. XLA out of memory: this run failed, the sweep goes on
-    failed.append((run, f"{type(e).__name__}: {_one_line(e)}"))
-    print(f"error: run {run.run_dir} failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr, flush=True)
-  return None
+    from medgen_jax import train_lib  # imports JAX: not in a job that does not train
+
+    if isinstance(e, train_lib.TrainingDivergedError):
+      return None, _one_line(e)
+    return None, f"{type(e).__name__}: {_one_line(e)}"
 
 
-def num_sources_main(args, metrics) -> int:
-  """--num-sources: the number-of-source-sites study (medgen_jax/num_sources.py)."""
-  from medgen_jax import num_sources
+def train_planned(run, what: str, failed: list):
+  """One planned run's records (trained, resumed or read back) in this process, or None after
+  reporting a failure."""
+  print(f"[sweep] {config_name(run.spec)}: {what}, seed {run.seed} -> {run.run_dir}", flush=True)
+  records, why = attempt_run(run)
+  if why is not None:
+    failed.append((run, why))
+    print(f"error: run {run.run_dir} failed: {why}", file=sys.stderr, flush=True)
+  return records
 
-  workdir = Path(args.workdir)
-  try:
+
+class RunJob:
+  """A submitit job of one planned run: `attempt_run(run, train=train)`. On a Slurm time-out or
+  preemption submitit calls `checkpoint` and requeues the same call (up to its max_num_timeout),
+  which resumes from the run's own checkpoints."""
+
+  def __init__(self, train):
+    self.train = train
+
+  def __call__(self, run: PlannedRun):
+    return attempt_run(run, train=self.train)
+
+  def checkpoint(self, run: PlannedRun):
+    import submitit
+    return submitit.helpers.DelayedSubmission(self, run)
+
+
+@dataclasses.dataclass
+class SweepPlan:
+  """Every run of one sweep mode ('loo', 'uda', 'multisite', 'num_sources') and what its table
+  needs: `columns` (held-out sites, directions or sites), `extra` (num_sources: per run its
+  (k, sources); and the plan's notes)."""
+  mode: str
+  runs: list[PlannedRun]
+  columns: list[str]
+  extra: list = dataclasses.field(default_factory=list)
+  notes: list = dataclasses.field(default_factory=list)
+
+  def describe(self, index: int) -> str:
+    run = self.runs[index]
+    if self.mode == "uda":
+      return run.site.replace("_to_", " -> ")
+    if self.mode == "multisite":
+      return "all sites"
+    if self.mode == "num_sources":
+      return f"held out {run.site}, sources {'+'.join(self.extra[index][1])}"
+    return f"held out {run.site}"
+
+  @property
+  def stem(self) -> str:
+    return "num_sources" if self.mode == "num_sources" else "sweep"
+
+
+def plan_sweep(args) -> SweepPlan:
+  """The sweep's runs for its mode; SweepConfigError / DataError before any training."""
+  if args.num_sources is not None:
+    from medgen_jax import num_sources
+
     planned, sites, notes = num_sources.plan(args, load_config=load_config, sites_of=sites_of,
                                              run_config=run_config, config_name=config_name,
                                              PlannedRun=PlannedRun)
-  except SweepConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  if refuse_mismatched([run for run, _, _ in planned], workdir):
-    return 1
-  finished, failed = [], []
-  for run, k, sources in planned:
-    records = train_planned(run, f"held out {run.site}, sources {'+'.join(sources)}", failed)
-    if records is None:
+    return SweepPlan("num_sources", [run for run, _, _ in planned], sites,
+                     [(k, sources) for _, k, sources in planned], notes)
+  plan, columns = plan_runs(args)
+  return SweepPlan("uda" if args.uda else "multisite" if args.multisite else "loo", plan, columns)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  """'K/N' -> (K, N) with 1 <= K <= N; SweepConfigError otherwise."""
+  k, sep, n = text.partition("/")
+  try:
+    k, n = int(k), int(n)
+  except ValueError:
+    sep = ""
+  if not sep or not 1 <= k <= n:
+    raise SweepConfigError(f"--shard {text}: not K/N with 1 <= K <= N. Fix: give each of N machines one "
+                           "of --shard 1/N, ..., --shard N/N, e.g. --shard 2/4")
+  return k, n
+
+
+def shard_indices(runs, workdir: Path, k: int, n: int) -> list[int]:
+  """The K-th of N disjoint slices that together cover `runs` (indices, in plan order): the runs
+  ranked by their folder under `workdir`, every N-th from the K-th. The folder names alone decide,
+  so every machine given the same command gets the same slices, whatever the order of the
+  --config / --held-out values; slice sizes differ by at most one."""
+  order = sorted(range(len(runs)), key=lambda i: runs[i].run_dir.relative_to(workdir).as_posix())
+  mine = set(order[k - 1::n])
+  return [i for i in range(len(runs)) if i in mine]
+
+
+_JOB_OPTIONS = {"--shard": True, "--executor": True, "--no-wait": False, "--job-minutes": True,
+                "--slurm-partition": True, "--slurm-gpus": True, "--slurm-cpus": True,
+                "--slurm-array-parallelism": True}
+
+
+def report_command(argv) -> str:
+  """The same sweep command with `--report` instead of its shard / executor options."""
+  import shlex
+
+  kept, skip = [], False
+  for item in argv:
+    if skip:
+      skip = False
       continue
+    name = item.split("=", 1)[0]
+    if name in _JOB_OPTIONS:
+      skip = _JOB_OPTIONS[name] and "=" not in item
+      continue
+    kept.append(item)
+  return shlex.join(["python", "-m", "medgen_jax.sweep", *kept, "--report"])
+
+
+def import_submitit():
+  """submitit, imported without its import-time logging.config.dictConfig, which closes every
+  logging handler already installed in this process (absl's, pytest's); its jobs are new
+  processes and configure their logging as usual."""
+  import importlib
+  import os
+
+  previous = os.environ.get("SUBMITIT_LOG_LEVEL")
+  os.environ["SUBMITIT_LOG_LEVEL"] = "NOCONFIG"
+  try:
+    return importlib.import_module("submitit")
+  finally:
+    if previous is None:
+      del os.environ["SUBMITIT_LOG_LEVEL"]
+    else:
+      os.environ["SUBMITIT_LOG_LEVEL"] = previous
+
+
+def make_executor(args, submitit):
+  """The submitit executor of --executor with the job options (logs and pickles in DIR/submitit)."""
+  executor = submitit.AutoExecutor(folder=Path(args.workdir) / "submitit", cluster=args.executor)
+  executor.update_parameters(name="medgen_jax_sweep", timeout_min=args.job_minutes,
+                             slurm_partition=args.slurm_partition, gpus_per_node=args.slurm_gpus,
+                             cpus_per_task=args.slurm_cpus, slurm_array_parallelism=args.slurm_array_parallelism)
+  return executor
+
+
+def run_as_jobs(args, plan: SweepPlan, indices, argv):
+  """One submitit job per planned run not finished yet (finished ones are read here), submitted
+  as one job array (`executor.map_array`). Waits for them and returns (done, failed) like the
+  in-process loop, or None with --no-wait."""
+  from medgen_jax import train_lib  # imports JAX; keep `--help` fast
+
+  submitit = import_submitit()
+  workdir = Path(args.workdir)
+  done, failed, pending = [], [], []
+  for i in indices:
+    if (plan.runs[i].run_dir / "results.json").is_file():
+      done.append((i, run_one(plan.runs[i].config, plan.runs[i].run_dir)))
+    else:
+      pending.append(i)
+  if done:
+    print(f"[sweep] {len(done)} run(s) already finished, not submitted", flush=True)
+  if pending:
+    executor = make_executor(args, submitit)
+    jobs = executor.map_array(RunJob(train_lib.train_and_evaluate), [plan.runs[i] for i in pending])
+    print(f"[sweep] submitted {len(jobs)} job(s) to the {args.executor} executor as one array "
+          f"(job ids {jobs[0].job_id} .. {jobs[-1].job_id}); logs: {workdir / 'submitit'}", flush=True)
+    if args.no_wait:
+      print(f"[sweep] not waiting (--no-wait). When they have finished, the table: {report_command(argv)}",
+            flush=True)
+      return None
+    for i, job in zip(pending, jobs):
+      run = plan.runs[i]
+      try:
+        records, why = job.result()
+      except Exception as e:  # the job itself died (killed, out of memory, time limit reached)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        records, why = None, f"job {job.job_id}: {lines[-1] if lines else type(e).__name__} (log: {job.paths.stderr})"
+      print(f"[sweep] job {job.job_id} ({config_name(run.spec)}: {plan.describe(i)}, seed {run.seed}): "
+            + ("finished" if why is None else "FAILED"), flush=True)
+      if why is None:
+        done.append((i, records))
+      else:
+        failed.append((run, why))
+        print(f"error: run {run.run_dir} failed: {why}", file=sys.stderr, flush=True)
+  return sorted(done, key=lambda item: item[0]), failed
+
+
+def gather_finished(plan: SweepPlan, indices):
+  """--report: the runs that have results.json, read back ([(index, records)]), and the others."""
+  done, missing = [], []
+  for i in indices:
+    results = plan.runs[i].run_dir / "results.json"
+    if results.is_file():
+      done.append((i, json.loads(results.read_text())["records"]))
+    else:
+      missing.append(plan.runs[i])
+  return done, missing
+
+
+def write_loo_report(args, plan: SweepPlan, done, failed, missing, metrics) -> int:
+  """The leave-one-domain-out tables (module docstring) from done = [(index, records)]."""
+  workdir = Path(args.workdir)
+  finished = []
+  for i, records in done:
+    run = plan.runs[i]
     for method in dict.fromkeys(r["method"] for r in records):
       mine = [r for r in records if r["method"] == method]
-      values = {m: METRICS[m][1](mine, run.site) for m in metrics}
-      finished.append((run, k, sources, config_name(run.spec), method, values))
-  return num_sources.write_report(args, planned, sites, notes, finished, failed, metrics,
-                                  {m: METRICS[m][0] for m in METRICS})
+      # Intra-site trains on the held-out site itself: its own test split (in-domain) is the score
+      role = "in-domain" if run.config.method == "intra_site" else "unseen"
+      values = {m: METRICS[m][1](mine, run.site, role) for m in metrics}
+      finished.append((config_name(run.spec), method, run.site, run.seed, values))
+  configs_of, held_of = {}, {}
+  for name, method, *_ in finished:
+    configs_of.setdefault(method, set()).add(name)
+  for run in plan.runs:
+    held_of.setdefault(config_name(run.spec), [])
+    if run.site not in held_of[config_name(run.spec)]:
+      held_of[config_name(run.spec)].append(run.site)
+  rows: dict[str, dict[str, dict[str, dict[int, float]]]] = {m: {} for m in metrics}
+  row_sites: dict[str, list[str]] = {}
+  csv_rows = []
+  for name, method, site, seed, values in finished:
+    # Two configs giving the same method label get one row each, labelled with the config.
+    label = method if len(configs_of[method]) == 1 else f"{method} ({name})"
+    for m, value in values.items():
+      if np.isfinite(value):   # no ASD when the run computed no distances: '—'
+        rows[m].setdefault(label, {}).setdefault(site, {})[seed] = value
+      else:
+        rows[m].setdefault(label, {})
+    row_sites[label] = held_of[name]
+    csv_rows.append([name, method, site, seed] + [f"{values[m]:.4f}" for m in metrics])
+  selections = sorted({run.config.eval.selection for run in plan.runs})
+  notes = [f"held-out site's mean {' and '.join(METRICS[m][0] for m in metrics)} over its volumes and "
+           f"foreground classes, mean ± std over {args.seeds} seed(s) (n=k: only k finished); "
+           "Average = mean over held-out sites per seed, over the seeds that finished on all of them",
+           f"model selection: {'; '.join(SELECTION_RULES[s] for s in selections)}"]
+  notes += absent_notes(workdir, failed, missing)
+  if finished:
+    tables = [sweep_table(rows[m], plan.columns, args.seeds, row_sites) for m in metrics]
+    if len(metrics) > 1:
+      tables = [f"## {METRICS[m][0]}\n\n{t}" for m, t in zip(metrics, tables)]
+    markdown = ("# Leave-one-domain-out sweep\n\n" + "".join(f"- {n}\n" for n in notes) + "\n"
+                + "\n\n".join(tables) + "\n")
+    header = ["config", "method", "held_out", "seed"] + [f"unseen_{m}" for m in metrics]
+    if not write_tables(workdir, markdown, [header] + csv_rows):
+      return 1
+  if failed:
+    written = f"; the table of the {len(done)} finished run(s) is in {workdir / 'sweep.md'}" \
+              if finished else "; no run finished, so no table was written"
+    print(f"error: {len(failed)} of {len(plan.runs)} run(s) failed (listed above){written}", file=sys.stderr)
+    return 1
+  return 0
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m medgen_jax.sweep", description=__doc__,
+def write_sweep_report(args, plan: SweepPlan, done, failed, missing, metrics) -> int:
+  """The mode's tables from done = [(index, records)] (plan order), the failed [(run, why)] and the
+  not-finished runs (--report)."""
+  workdir = Path(args.workdir)
+  if not done and not failed:
+    print(f"error: none of the {len(plan.runs)} planned run(s) has finished in {workdir}, so no table "
+          "was written. Fix: run the sweep without --report (or wait for its jobs)", file=sys.stderr)
+    return 1
+  if plan.mode == "multisite":
+    status = write_multisite_report(args, plan.runs, plan.columns, [(plan.runs[i], r) for i, r in done],
+                                    failed, missing)
+  elif plan.mode == "uda":
+    finished = [(plan.runs[i], method, [r for r in records if r["method"] == method])
+                for i, records in done for method in dict.fromkeys(r["method"] for r in records)]
+    status = write_uda_report(args, plan.runs, finished, failed, missing)
+  elif plan.mode == "num_sources":
+    from medgen_jax import num_sources
+
+    finished = []
+    for i, records in done:
+      run, (k, sources) = plan.runs[i], plan.extra[i]
+      for method in dict.fromkeys(r["method"] for r in records):
+        mine = [r for r in records if r["method"] == method]
+        values = {m: METRICS[m][1](mine, run.site) for m in metrics}
+        finished.append((run, k, sources, config_name(run.spec), method, values))
+    planned = [(run, k, sources) for run, (k, sources) in zip(plan.runs, plan.extra)]
+    status = num_sources.write_report(args, planned, plan.columns, plan.notes, finished, failed, metrics,
+                                      {m: METRICS[m][0] for m in METRICS}, missing=missing)
+  else:
+    status = write_loo_report(args, plan, done, failed, missing, metrics)
+  if missing and status == 0:
+    print(f"note: {len(missing)} of {len(plan.runs)} planned run(s) have not finished yet; "
+          f"{workdir / (plan.stem + '.md')} lists them", file=sys.stderr)
+  return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The sweep's command line (also read by tests/test_launch.py to check the launch scripts)."""
+  parser = argparse.ArgumentParser(prog="python -m medgen_jax.sweep", description=__doc__, allow_abbrev=False,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", action="append", required=True, help="configs/x.py[:arg], repeatable")
   parser.add_argument("--held-out", default="all",
@@ -627,101 +911,117 @@ def main(argv=None) -> int:
                       help="with --num-sources and --combinations N: the sample's seed")
   parser.add_argument("--directions", default="all",
                       help="with --uda: SOURCE:TARGET pairs, comma-separated (default: every ordered pair)")
-  args = parser.parse_args(argv)
+  cluster = parser.add_argument_group("clusters (several machines; every run resumable, finished runs skipped)")
+  cluster.add_argument("--shard", default=None, metavar="K/N",
+                       help="run only the K-th of N disjoint slices of the runs (1 <= K <= N), e.g. one per "
+                            "machine; no table (gather it with --report)")
+  cluster.add_argument("--report", action="store_true",
+                       help="train nothing: the table of the runs finished in --workdir, listing the others")
+  cluster.add_argument("--executor", choices=("local", "slurm"), default=None,
+                       help="one submitit job per run not finished yet, as one job array: 'slurm' (sbatch), "
+                            "'local' (subprocesses of this machine, all at once)")
+  cluster.add_argument("--no-wait", action="store_true",
+                       help="with --executor: submit and exit (then --report); default: wait, then the table")
+  cluster.add_argument("--job-minutes", type=int, default=24 * 60, metavar="MIN",
+                       help="with --executor: each job's time limit (Slurm --time; a job that reaches it "
+                            "is requeued and resumes from its checkpoints)")
+  cluster.add_argument("--slurm-partition", default=None, metavar="NAME", help="with --executor slurm: the partition")
+  cluster.add_argument("--slurm-gpus", type=int, default=None, metavar="N",
+                       help="with --executor slurm: GPUs per job (one node; the run is pmapped over them)")
+  cluster.add_argument("--slurm-cpus", type=int, default=None, metavar="N",
+                       help="with --executor slurm: CPUs per job (data loading threads)")
+  cluster.add_argument("--slurm-array-parallelism", type=int, default=None, metavar="N",
+                       help="with --executor slurm: at most this many jobs of the array at once")
+  return parser
+
+
+def check_args(args) -> str | None:
+  """Why the command line is inconsistent (one line), or None."""
   if args.seeds < 1:
-    print(f"error: --seeds {args.seeds}: must be >= 1", file=sys.stderr)
-    return 2
+    return f"--seeds {args.seeds}: must be >= 1"
   if sum([args.uda, args.multisite, args.num_sources is not None]) > 1:
-    print("error: --uda, --multisite and --num-sources are different settings: choose one", file=sys.stderr)
+    return "--uda, --multisite and --num-sources are different settings: choose one"
+  metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+  if not metrics or any(m not in METRICS for m in metrics):
+    return (f"--metrics {args.metrics}: use a comma-separated list of {', '.join(METRICS)}, "
+            "e.g. --metrics dice,asd")
+  job_options = [f"--{name.replace('_', '-')}" for name in ("no_wait", "slurm_partition", "slurm_gpus", "slurm_cpus",
+                                                            "slurm_array_parallelism")
+                 if getattr(args, name) not in (None, False)]
+  if args.report and (args.executor or args.shard or job_options):
+    return ("--report trains nothing and reads every run of the sweep: drop "
+            f"{' '.join(['--executor'] * bool(args.executor) + ['--shard'] * bool(args.shard) + job_options)}")
+  if args.executor is None and job_options:
+    return f"{' '.join(job_options)}: only with --executor. Fix: add --executor slurm (or local)"
+  if args.executor == "local" and any(o.startswith("--slurm") for o in job_options):
+    return f"{' '.join(o for o in job_options if o.startswith('--slurm'))}: only with --executor slurm"
+  if args.job_minutes < 1:
+    return f"--job-minutes {args.job_minutes}: must be >= 1"
+  for name in ("slurm_gpus", "slurm_cpus", "slurm_array_parallelism"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+      return f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
+  if args.shard is not None:
+    try:
+      parse_shard(args.shard)
+    except SweepConfigError as e:
+      return str(e)
+  if args.executor == "slurm":
+    import shutil
+
+    absent = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if absent:
+      return (f"--executor slurm: {' and '.join(absent)} not found, so this is no Slurm machine. Fix: run "
+              "the sweep on the cluster's login node, or use --executor local or --shard K/N")
+  return None
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = build_parser().parse_args(argv)
+  problem = check_args(args)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
     return 2
   metrics = list(dict.fromkeys(m.strip() for m in args.metrics.split(",") if m.strip()))
-  if not metrics or any(m not in METRICS for m in metrics):
-    print(f"error: --metrics {args.metrics}: use a comma-separated list of {', '.join(METRICS)}, "
-          "e.g. --metrics dice,asd", file=sys.stderr)
-    return 2
   workdir = Path(args.workdir)
-  if args.num_sources is not None:
-    return num_sources_main(args, metrics)
   try:
-    plan, all_sites = plan_runs(args)
+    plan = plan_sweep(args)
   except SweepConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-
-  if refuse_mismatched(plan, workdir):
+  indices = list(range(len(plan.runs)))
+  if args.shard:
+    k, n = parse_shard(args.shard)
+    indices = shard_indices(plan.runs, workdir, k, n)
+    print(f"[sweep] shard {k}/{n}: {len(indices)} of the {len(plan.runs)} run(s)", flush=True)
+  if refuse_mismatched([plan.runs[i] for i in indices], workdir):
     return 1
 
-  finished, failed, uda_finished, multisite_finished = [], [], [], []
-  for run in plan:
-    name = config_name(run.spec)
-    what = run.site.replace("_to_", " -> ") if args.uda else ("all sites" if args.multisite else f"held out {run.site}")
-    records = train_planned(run, what, failed)
-    if records is None:
-      continue
-    if args.multisite:
-      multisite_finished.append((run, records))
-      continue
-    if args.uda:
-      for method in dict.fromkeys(r["method"] for r in records):
-        uda_finished.append((run, method, [r for r in records if r["method"] == method]))
-      continue
-    for method in dict.fromkeys(r["method"] for r in records):
-      mine = [r for r in records if r["method"] == method]
-      # Intra-site trains on the held-out site itself: its own test split (in-domain) is the score
-      role = "in-domain" if run.config.method == "intra_site" else "unseen"
-      values = {m: METRICS[m][1](mine, run.site, role) for m in metrics}
-      finished.append((name, method, run.site, run.seed, values))
-
-  if args.uda:
-    return write_uda_report(args, plan, uda_finished, failed)
-  if args.multisite:
-    return write_multisite_report(args, plan, all_sites, multisite_finished, failed)
-  configs_of, held_of = {}, {}
-  for name, method, *_ in finished:
-    configs_of.setdefault(method, set()).add(name)
-  for run in plan:
-    held_of.setdefault(config_name(run.spec), [])
-    if run.site not in held_of[config_name(run.spec)]:
-      held_of[config_name(run.spec)].append(run.site)
-  rows: dict[str, dict[str, dict[str, dict[int, float]]]] = {m: {} for m in metrics}
-  row_sites: dict[str, list[str]] = {}
-  csv_rows = []
-  for name, method, site, seed, values in finished:
-    # Two configs giving the same method label get one row each, labelled with the config.
-    label = method if len(configs_of[method]) == 1 else f"{method} ({name})"
-    for m, value in values.items():
-      if np.isfinite(value):   # no ASD when the run computed no distances: '—'
-        rows[m].setdefault(label, {}).setdefault(site, {})[seed] = value
-      else:
-        rows[m].setdefault(label, {})
-    row_sites[label] = held_of[name]
-    csv_rows.append([name, method, site, seed] + [f"{values[m]:.4f}" for m in metrics])
-  selections = sorted({run.config.eval.selection for run in plan})
-  notes = [f"held-out site's mean {' and '.join(METRICS[m][0] for m in metrics)} over its volumes and "
-           f"foreground classes, mean ± std over {args.seeds} seed(s) (n=k: only k finished); "
-           "Average = mean over held-out sites per seed, over the seeds that finished on all of them",
-           f"model selection: {'; '.join(SELECTION_RULES[s] for s in selections)}"]
-  if failed:
-    notes.append(f"FAILED, not in the table ({len(failed)}): " +
-                 "; ".join(f"{run.run_dir.relative_to(workdir)} ({why})" for run, why in failed))
-  if finished:
-    tables = [sweep_table(rows[m], all_sites, args.seeds, row_sites) for m in metrics]
-    if len(metrics) > 1:
-      tables = [f"## {METRICS[m][0]}\n\n{t}" for m, t in zip(metrics, tables)]
-    markdown = ("# Leave-one-domain-out sweep\n\n" + "".join(f"- {n}\n" for n in notes) + "\n"
-                + "\n\n".join(tables) + "\n")
-    header = ["config", "method", "held_out", "seed"] + [f"unseen_{m}" for m in metrics]
-    if not write_tables(workdir, markdown, [header] + csv_rows):
+  missing, failed = [], []
+  if args.report:
+    done, missing = gather_finished(plan, indices)
+  elif args.executor:
+    outcome = run_as_jobs(args, plan, indices, argv)
+    if outcome is None:
+      return 0
+    done, failed = outcome
+  else:
+    done = []
+    for i in indices:
+      records = train_planned(plan.runs[i], plan.describe(i), failed)
+      if records is not None:
+        done.append((i, records))
+  if args.shard:   # one slice: the table is of the whole sweep, gathered once every slice is done
+    print(f"[sweep] shard {args.shard}: {len(done)} run(s) finished, {len(failed)} failed. When every shard "
+          f"has finished, the table: {report_command(argv)}", flush=True)
+    if failed:
+      print(f"error: {len(failed)} of the shard's {len(indices)} run(s) failed (listed above)", file=sys.stderr)
       return 1
-  if failed:
-    written = f"; the table of the {len(plan) - len(failed)} finished run(s) is in {workdir / 'sweep.md'}" \
-              if finished else "; no run finished, so no table was written"
-    print(f"error: {len(failed)} of {len(plan)} run(s) failed (listed above){written}", file=sys.stderr)
-    return 1
-  return 0
+    return 0
+  return write_sweep_report(args, plan, done, failed, missing, metrics)
 
 
 if __name__ == "__main__":
