@@ -13,30 +13,13 @@ import pytest
 
 from helpers import make_sites_dataset
 from medgen_jax import sweep, train_lib
-
-TINY = """
-from medgen_jax.config import base_config
-def get_config(arg=None):
-  c = base_config()
-  c.data.root = {root!r}
-  c.data.in_plane_shape = (16, 16)
-  c.model.base_features = 4
-  c.model.depth = 2
-  c.batch_size = 4
-  c.num_steps = 2
-  c.eval.distances = False
-  return c
-"""
-
-
-def dice_of(site: str, seed: int) -> float:
-  """The fake run's held-out Dice (fraction): A 0.40, B 0.50, C 0.60, + 0.02 per seed."""
-  return 0.4 + 0.1 * "ABC".index(site) + 0.02 * seed
+from test_sweep import TINY   # the same tiny config file
 
 
 def make_fake_train(log=None, fail=()):
   """A trainer that leaves a finished run as train_lib does (config.json, results.json) without
-  training. Self-contained (no module-level names), so submitit pickles it by value into a job."""
+  training; held-out Dice (fraction) A 0.40, B 0.50, C 0.60, + 0.02 per seed. Self-contained (no
+  module-level names), so submitit pickles it by value into a job."""
 
   def fake_train(config, workdir):
     import json
@@ -51,7 +34,7 @@ def make_fake_train(log=None, fail=()):
     (workdir / "config.json").write_text(config.to_json())
     if (site, seed) in fail:
       raise OSError(28, "No space left on device")
-    d = 0.4 + 0.1 * "ABC".index(site) + 0.02 * seed   # = dice_of(site, seed)
+    d = 0.4 + 0.1 * "ABC".index(site) + 0.02 * seed
     records = [{"method": "DeepAll", "site": site, "case": "c0", "role": "unseen", "dice": [d, d]},
                {"method": "DeepAll", "site": "x", "case": "c0", "role": "in-domain", "dice": [0.0, 0.0]}]
     result = {"selection": config.eval.selection, "records": records, "pid": os.getpid()}
