@@ -53,14 +53,20 @@ def predict_volume(predict_fn, variables, image: np.ndarray, spacing, *, normali
   extra = () if domain is None else (np.full((batch_size,), domain, np.int32),)
   labels = np.concatenate([np.asarray(predict_fn(variables, stack[i:i + batch_size], *extra))
                            for i in range(0, padded, batch_size)])[:depth]
-  labels = np.moveaxis(labels, 0, 2).astype(np.uint8)  # [H, W, Z]
+  return to_case_grid(np.moveaxis(labels, 0, 2), image.shape, spacing, in_plane_spacing)
+
+
+def to_case_grid(labels: np.ndarray, image_shape, spacing, in_plane_spacing) -> np.ndarray:
+  """Labels [H, W, Z] on the preprocessed grid -> uint8 [X, Y, Z] on the case's own grid: the
+  in-plane crop/pad inverted and the in-plane resampling (if any) undone by nearest neighbour."""
+  labels = np.asarray(labels).astype(np.uint8)
   if in_plane_spacing:
-    resampled_shape = (round(image.shape[0] * spacing[0] / in_plane_spacing[0]),
-                       round(image.shape[1] * spacing[1] / in_plane_spacing[1]))
+    resampled_shape = (round(image_shape[0] * spacing[0] / in_plane_spacing[0]),
+                       round(image_shape[1] * spacing[1] / in_plane_spacing[1]))
     labels = crop_or_pad(labels, resampled_shape)
-    factors = (image.shape[0] / resampled_shape[0], image.shape[1] / resampled_shape[1], 1.0)
+    factors = (image_shape[0] / resampled_shape[0], image_shape[1] / resampled_shape[1], 1.0)
     labels = ndimage.zoom(labels, factors, order=0, grid_mode=True, mode="nearest")
-  return crop_or_pad(labels, image.shape[:2]).astype(np.uint8)
+  return crop_or_pad(labels, image_shape[:2]).astype(np.uint8)
 
 
 # --- Sliding-window inference ------------------------------------------------------------
@@ -154,3 +160,20 @@ def sliding_window_predict(apply_fn, volume, *, patch_size, overlap: float = 0.5
       norm[where] += weight_map
   result = total / norm[..., None]
   return result[tuple(slice(0, s) for s in spatial)]
+
+
+def predict_volume_patches(apply_fn, image: np.ndarray, spacing, *, normalizer, data_config, patch_size,
+                           overlap: float = 0.5, batch_size: int = 4, site: str | None = None) -> np.ndarray:
+  """Label map [X, Y, Z] (uint8) on the grid of `image` from a 3-D patch model: the volume
+  preprocessed as for training (as predict_volume, then [Z, H, W, 1] as data/patches.build_volumes
+  keeps it), segmented by sliding_window_predict (`apply_fn`: [B, *patch_size, 1] -> logits), the
+  argmax mapped back by to_case_grid. `data_config.in_plane_shape` () keeps the in-plane size."""
+  in_plane_spacing = tuple(data_config.in_plane_spacing) or None
+  processed, _ = preprocess_case(image, np.zeros(image.shape, np.uint8), spacing,
+                                 normalizer=normalizer, in_plane_shape=tuple(data_config.in_plane_shape),
+                                 in_plane_spacing=in_plane_spacing,
+                                 bias_correction=data_config.bias_correction,
+                                 bias_options=data_config.get("n4"), site=site)
+  logits = sliding_window_predict(apply_fn, np.moveaxis(processed, 2, 0)[..., None], patch_size=patch_size,
+                                  overlap=overlap, batch_size=batch_size)
+  return to_case_grid(np.moveaxis(np.argmax(logits, axis=-1), 0, 2), image.shape, spacing, in_plane_spacing)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medgen_jax.inference import importance_map, patch_starts, sliding_window_predict
+from medgen_jax.inference import (importance_map, patch_starts, predict_volume, predict_volume_patches,
+                                  sliding_window_predict)
 
 RNG = np.random.default_rng(0)
 W, B = RNG.normal(size=(2, 3)).astype(np.float32), RNG.normal(size=3).astype(np.float32)
@@ -78,6 +79,25 @@ def test_starts_importance_map_and_bad_arguments():
                        ({"patch_size": (4, 4), "blend": "median"}, "blend")]:
     with pytest.raises(ValueError, match=text):
       sliding_window_predict(voxelwise, volume, **kwargs)
+
+
+def test_patch_prediction_of_a_case_equals_the_slice_path_for_a_voxelwise_net():
+  """predict_volume_patches (whole preprocessed volume, sliding 3-D window, back to the case grid)
+  against predict_volume (slice by slice, the same voxel-wise logits): the same label map on the
+  case's own grid, through in-plane resampling and crop/pad."""
+  import ml_collections
+  from medgen_jax.data.normalize import make_normalizer
+  w = RNG.normal(size=(1, 3)).astype(np.float32)
+  logits = jax.jit(lambda x: x @ w + jnp.asarray([0.0, 0.3, -0.2]))
+  image = RNG.normal(size=(23, 18, 7)).astype(np.float32)
+  data_config = ml_collections.ConfigDict({"in_plane_spacing": (1.5, 1.5), "in_plane_shape": (12, 16),
+                                           "bias_correction": "none", "context_slices": 1})
+  common = dict(normalizer=make_normalizer("whitening"), data_config=data_config)
+  slices = predict_volume(lambda v, x: jnp.argmax(logits(x), axis=-1), None, image, (1.0, 1.2, 3.0),
+                          batch_size=4, **common)
+  patches = predict_volume_patches(logits, image, (1.0, 1.2, 3.0), patch_size=(4, 8, 8), batch_size=3, **common)
+  assert patches.shape == image.shape and patches.dtype == np.uint8 and len(np.unique(patches)) == 3
+  np.testing.assert_array_equal(patches, slices)
 
 
 # --- MONAI oracle (optional: pip install 'medgen_jax[oracle]') ----------------------------------
