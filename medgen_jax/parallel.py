@@ -1,14 +1,20 @@
-"""Data parallelism: the only module that knows about devices.
+"""Data parallelism: the only module that knows about devices and processes.
 
 `jax.pmap` over the named axis `batch` (in JAX >= 0.10 pmap is itself jit(shard_map)). A train
 step is written once as `step(state, batch, key)`, with collectives on `AXIS_NAME` when it is
 built with `axis_name=AXIS_NAME`; `DataParallel` replicates the state, splits host batches over
-the local devices, runs the pmapped step and brings results back. With one device it is the same
-code path.
+the devices, runs the pmapped step and brings results back. With one device it is the same code
+path.
 
-Multi-host (TPU pods, multi-node GPU): set MEDGEN_JAX_DISTRIBUTED=1 so that
-`initialize_distributed()` calls `jax.distributed.initialize()` before any device is touched.
-Each process feeds its local devices; only process 0 writes files (`is_main_process`).
+Multi-host (TPU pods, multi-node GPU, or several local CPU processes): `initialize_distributed`
+calls `jax.distributed.initialize` before any device is touched (from the train CLI's
+--coordinator_address/--num_processes/--process_id, or from the environment on TPU VMs and under
+Slurm with MEDGEN_JAX_DISTRIBUTED=1); CPU processes talk through gloo. Then the pmap spans every
+device of every process, ordered by process (`global_devices`). Every process draws the SAME
+global batch from the same sampler seed and `DataParallel` feeds its devices their rows of it
+(`process_rows`), so N processes × M devices compute exactly what one process with N·M devices
+computes. Only process 0 writes files (`is_main_process`); checkpoints are saved and restored by
+every process together (orbax's multi-host protocol).
 """
 
 from __future__ import annotations
@@ -23,9 +29,28 @@ import numpy as np
 AXIS_NAME = "batch"
 
 
-def initialize_distributed() -> None:
-  if os.environ.get("MEDGEN_JAX_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+def initialize_distributed(*, coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Starts JAX's multi-process runtime; True if it did. Explicit arguments (all three, e.g. from
+  the CLI flags) or MEDGEN_JAX_DISTRIBUTED=1 with none of them (JAX then reads the TPU VM or Slurm
+  environment); otherwise a single-process run and nothing happens."""
+  given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+           "--process_id": process_id}
+  if all(v is None for v in given.values()):
+    if os.environ.get("MEDGEN_JAX_DISTRIBUTED") != "1":
+      return False
+  elif any(v is None for v in given.values()):
+    missing = " ".join(k for k, v in given.items() if v is None)
+    raise ValueError(f"multi-process flags: {missing} missing. Fix: give --coordinator_address, "
+                     "--num_processes and --process_id together (or none of them on TPU VMs / under Slurm "
+                     "with MEDGEN_JAX_DISTRIBUTED=1)")
+  elif not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id={process_id} is not in 0 .. --num_processes-1 = {num_processes - 1}")
+  # The only CPU collectives JAX has across processes; GPU (NCCL) and TPU ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+  return True
 
 
 def is_main_process() -> bool:
@@ -42,6 +67,36 @@ def barrier(name: str) -> None:
 
 def local_device_count() -> int:
   return jax.local_device_count()
+
+
+def device_count() -> int:
+  """Devices of all processes: what a global batch is split over."""
+  return jax.device_count()
+
+
+def global_devices() -> list:
+  """Every process's devices, process 0's first: process p's devices hold the p-th contiguous
+  block of the pmapped axis, the rows `process_rows` gives it."""
+  return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+
+
+def process_rows(batch, *, process_index: int | None = None, process_count: int | None = None):
+  """This process's rows of a global batch: each leaf [B, ...] -> its p-th of P contiguous blocks
+  [B / P, ...] (the identity with one process)."""
+  p = jax.process_index() if process_index is None else process_index
+  n = jax.process_count() if process_count is None else process_count
+  if n == 1:
+    return batch
+
+  def rows(x):
+    x = np.asarray(x)
+    if x.shape[0] % n:
+      raise ValueError(f"global batch of {x.shape[0]} cannot be split over {n} processes; use a batch "
+                       f"size that is a multiple of the {jax.device_count()} devices")
+    block = x.shape[0] // n
+    return x[p * block:(p + 1) * block]
+
+  return jax.tree.map(rows, batch)
 
 
 def shard_batch(batch, num_devices: int | None = None):
@@ -72,15 +127,25 @@ def gather_global(x, axis_name: str | None):
 
 
 class DataParallel:
-  """Runs `step(state, batch, key)` pmapped over `num_devices` local devices.
+  """Runs `step(state, batch, key)` pmapped over `num_devices` local devices, or over every
+  device of every process in a multi-process run (`num_devices` must then be None or all of them).
+  Batches given to `put`/`step` are global; each process keeps its own rows (`process_rows`).
 
   `replicate`/`unreplicate` move a state between host and devices; the replication itself is
   a pmap over the same axis name, which keeps the step from recompiling on its second call.
   """
 
   def __init__(self, step_fn, *, num_devices: int | None = None, donate: bool = True):
-    self.num_devices = num_devices or jax.local_device_count()
-    self.devices = jax.local_devices()[: self.num_devices]
+    if jax.process_count() > 1:
+      if num_devices not in (None, jax.device_count()):
+        raise ValueError(f"num_devices={num_devices}: a multi-process run uses all {jax.device_count()} "
+                         "devices of its processes")
+      self.num_devices = jax.device_count()
+      self.devices = global_devices()
+    else:
+      self.num_devices = num_devices or jax.local_device_count()
+      self.devices = jax.local_devices()[: self.num_devices]
+    self.num_local = len([d for d in self.devices if d.process_index == jax.process_index()])
     self._step = jax.pmap(step_fn, axis_name=AXIS_NAME, in_axes=(0, 0, None),
                           donate_argnums=(0,) if donate else (), devices=self.devices)
     self._replicate = jax.pmap(lambda x: x, axis_name=AXIS_NAME, devices=self.devices)
@@ -88,23 +153,31 @@ class DataParallel:
     self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME))
 
   def replicate(self, tree):
-    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.num_devices,) + np.shape(x)),
+    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.num_local,) + np.shape(x)),
                            tree)
     return self._replicate(stacked)
 
   @staticmethod
   def unreplicate(tree):
-    """The first device's copy, as host numpy arrays."""
+    """The first local device's copy, as host numpy arrays (a pmap's outputs hold this
+    process's devices only)."""
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x[0])), tree)
 
+  def _local_shards(self, host_batch):
+    return shard_batch(process_rows(host_batch), self.num_local)
+
   def put(self, host_batch):
-    """Splits a host batch [B, ...] over the devices and starts copying it to them (the layout
-    the pmapped step takes, so the step does not copy it again)."""
-    return jax.device_put(shard_batch(host_batch, self.num_devices), self._sharding)
+    """Splits this process's rows of a global host batch [B, ...] over its devices and starts
+    copying them (the layout the pmapped step takes, so the step does not copy it again)."""
+    shards = self._local_shards(host_batch)
+    if jax.process_count() == 1:
+      return jax.device_put(shards, self._sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self._sharding, x), shards)
 
   def step(self, replicated_state, host_batch, key):
-    """One step on a host batch [B, ...]; returns (replicated state, metrics from device 0)."""
-    state, metrics = self._step(replicated_state, shard_batch(host_batch, self.num_devices), key)
+    """One step on a global host batch [B, ...]; returns (replicated state, metrics from the
+    first local device)."""
+    state, metrics = self._step(replicated_state, self._local_shards(host_batch), key)
     return state, jax.tree.map(lambda x: x[0], metrics)
 
   def step_on_devices(self, replicated_state, device_batch, key):

@@ -19,11 +19,17 @@ USAGE = "python -m medgen_jax.train --config configs/<x>.py --workdir DIR [--con
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed if it exists)")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "multi-process: host:port of process 0 (jax.distributed); "
+    "not needed on TPU VMs and under Slurm, where JAX reads it from the environment")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index, 0 .. N-1")
 
 
 def main(argv) -> int:
   del argv
-  parallel.initialize_distributed()
+  parallel.initialize_distributed(coordinator_address=_COORDINATOR.value,
+                                  num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from medgen_jax import train_lib  # after distributed init: it touches devices
 
   result = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -105,7 +105,9 @@ def init_run_parts(config, num_classes: int, *, sources=(), abstract: bool = Fal
 
 def make_sampler(config, data: PreparedData, sources):
   """The sampler the method asks for (its SAMPLER): pooled, episodic or source + target."""
-  seed = config.seed + 1_000_003 * jax.process_index()
+  # The same seed in every process: each draws the same global batch and keeps its rows of it
+  # (parallel.DataParallel), so the run does not depend on how many processes share it.
+  seed = config.seed
   kind = methods.get(config.method).SAMPLER
   if kind == "pooled":
     return SliceSampler(data.train, sites=sources, batch_size=config.batch_size, seed=seed)
@@ -185,8 +187,8 @@ def train_one(config, data: PreparedData, *, name: str, sources: list[str], work
   if restored is not None:
     state = restored[0]
   start = int(state.step)
-  # A batch is a pure function of (this process's seed, step): the step is the whole sampler
-  # state (the checkpoint's copy is process 0's, whose seed differs from the other processes').
+  # A batch is a pure function of (seed, step), the same global batch in every process: the step
+  # is the whole sampler state.
   sampler.step = start
   try:
     if start < config.num_steps:
@@ -301,12 +303,12 @@ def _check_domains(config, data: PreparedData, sources) -> None:
   shard by domain (its GROUPS_BY_DOMAIN, methods/base.py)."""
   for site in sorted(data.cases["test"]):  # held-out sites, and other sites' models under Separate
     domain_index(sources, site, policy=config.model.unseen_domain)
-  per_device = config.batch_size // jax.local_device_count()
+  per_device = config.batch_size // parallel.device_count()
   splits = getattr(methods.get(config.method), "GROUPS_BY_DOMAIN", False)
   if (splits or not config.bn_sync) and per_device % len(sources):
     raise ValueError(f"config.batch_size={config.batch_size}: {per_device} slices per device do not hold "
                      f"the {len(sources)} sites {sources} equally (domain-specific layers need every "
-                     f"device's shard balanced). Fix: make batch_size / {jax.local_device_count()} devices "
+                     f"device's shard balanced). Fix: make batch_size / {parallel.device_count()} devices "
                      f"a multiple of {len(sources)}")
 
 
@@ -338,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   config_lib.validate(config)
   workdir = prepare_workdir(workdir)
   check_config(config, workdir)
-  check_batch_fits_devices(config, jax.local_device_count())
+  check_batch_fits_devices(config, parallel.device_count())
   resuming = (workdir / "config.json").is_file()
   if resuming and not (workdir / "splits.json").is_file():
     raise ValueError(f"{workdir}: holds a started run without its splits.json. Fix: restore the file, or "
