@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
-from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from medgen_jax import parallel
+from medgen_jax.paths import as_path, is_local
 
 SELECTION_KEYS = ("val_dice", "oracle_dice")
 
@@ -53,9 +54,10 @@ def _leaf_paths(tree) -> set[tuple[str, ...]]:
 
 
 class Checkpoints:
-  def __init__(self, directory: str | Path, *, keep: int = 3, selection_key: str = "val_dice",
+  def __init__(self, directory, *, keep: int = 3, selection_key: str = "val_dice",
                save_async: bool = False, read_only: bool = False):
-    self.directory = Path(directory).absolute()
+    # orbax wants an absolute local path; a bucket path is absolute already
+    self.directory = as_path(os.path.abspath(directory) if is_local(directory) else directory)
     self.selection_key = selection_key
     self.read_only = read_only
     self._set_aside_unreadable_metrics()
@@ -186,7 +188,7 @@ class Checkpoints:
         return restored[0], restored[1], step
       skipped.add(step)
 
-  def move_aside(self, step: int) -> Path:
+  def move_aside(self, step: int):
     """Renames `<dir>/<step>` to `<dir>/<step>.corrupt` (or `.corrupt-2`, ...): orbax no longer
     sees it, so it is never selected and the step can be written again. Process 0 renames; the
     others wait for it."""

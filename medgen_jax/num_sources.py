@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from medgen_jax.data.errors import DataError
-from medgen_jax.data.nifti import write_bytes_atomic
+from medgen_jax.paths import as_path, write_bytes_atomic
 
 
 def parse_counts(text: str, num_remaining: int) -> list[int]:
@@ -79,7 +79,7 @@ def plan(args, *, load_config, sites_of, run_config, config_name, PlannedRun):
   """[(PlannedRun, k, sources)], held-out sites, and notes on skipped (config, k) pairs. The
   sweep's own helpers are passed in (this module is imported by medgen_jax.sweep)."""
   planned, all_held, notes = [], [], []
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)
   for spec in args.config:
     base = load_config(spec, args.set)
     if base.method == "intra_site":
@@ -174,7 +174,7 @@ def write_report(args, planned, sites, notes, finished, failed, metrics, metric_
   failed [(run, why)] and missing (not finished, `sweep --report`) are listed in its notes."""
   from medgen_jax.sweep import absent_notes, write_tables   # sweep imports this module when it runs the study
 
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)
   counts = sorted({k for _, k, _ in planned})
   results = [(method, run.site, k, sources, run.seed, values) for run, k, sources, _, method, values in finished]
   lines = [f"held-out site's mean {' and '.join(metric_names[m] for m in metrics)} over its volumes and "

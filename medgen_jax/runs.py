@@ -4,13 +4,13 @@ predict and the sweep (which reuse a run only when its config is the same)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 from medgen_jax import config as config_lib
 from medgen_jax import parallel
-from medgen_jax.data.nifti import write_bytes_atomic
+from medgen_jax.paths import as_path, write_bytes_atomic
 
 # Keys that may change between a run and its resumption (they do not change what is computed).
 RESUMABLE_KEYS = ("progress_bar", "log_every", "eval.batch_size", "eval.selection", "eval.distances",
@@ -35,9 +35,9 @@ def config_from_json(payload: dict) -> ml_collections.ConfigDict:
   return config
 
 
-def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def load_run_config(workdir) -> ml_collections.ConfigDict:
   """The config a run was started with; a ValueError naming the fix when there is none."""
-  path = Path(workdir) / "config.json"
+  path = as_path(workdir) / "config.json"
   if not path.is_file():
     raise ValueError(f"{path}: no run was started here (no config.json). Fix: give the --workdir of a "
                      "run made by python -m medgen_jax.train")
@@ -75,7 +75,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   return sorted(k for k in set(saved) | set(current) if differs(k) and k not in RESUMABLE_KEYS)
 
 
-def check_config(config, workdir: Path) -> None:
+def check_config(config, workdir: epath.Path) -> None:
   """Refuses a workdir whose saved run had a different config."""
   path = workdir / "config.json"
   if path.is_file():
@@ -85,7 +85,7 @@ def check_config(config, workdir: Path) -> None:
                        "Fix: use a new --workdir, or the same config to resume")
 
 
-def save_config(config, workdir: Path) -> None:
+def save_config(config, workdir: epath.Path) -> None:
   """Writes config.json (after `check_config`; process 0 only)."""
   check_config(config, workdir)
   if parallel.is_main_process():
@@ -93,8 +93,9 @@ def save_config(config, workdir: Path) -> None:
     write_bytes_atomic(workdir / "config.json", (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
 
 
-def prepare_workdir(workdir) -> Path:
-  workdir = Path(workdir)
+def prepare_workdir(workdir) -> epath.Path:
+  """The run folder (created), local or in a bucket (medgen_jax/paths.py)."""
+  workdir = as_path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"--workdir {workdir} is a file, not a folder. Fix: give a folder path")
   workdir.mkdir(parents=True, exist_ok=True)

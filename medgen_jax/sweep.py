@@ -101,7 +101,7 @@ import numpy as np
 
 from medgen_jax.data.errors import DataError
 from medgen_jax.data.layouts import discover
-from medgen_jax.data.nifti import write_bytes_atomic
+from medgen_jax.paths import as_path, write_bytes_atomic
 from medgen_jax.report import mean_dice
 
 SELECTION_RULES = {"val": "best mean Dice on the source sites' validation cases",
@@ -324,7 +324,7 @@ def plan_runs(args) -> tuple[list[PlannedRun], list[str]]:
   if getattr(args, "multisite", False):
     return plan_multisite_runs(args)
   plan, all_sites = [], []
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)
   for spec in args.config:
     base = load_config(spec, args.set)
     if base.method == "intra_site":
@@ -390,7 +390,7 @@ def direction_name(source: str, target: str) -> str:
 def plan_uda_runs(args) -> tuple[list[PlannedRun], list[str]]:
   """--uda: every config × direction × seed (module docstring); `site` holds the direction."""
   plan, directions = [], []
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)
   for spec in args.config:
     base = load_config(spec, args.set)
     with base.unlocked():
@@ -443,7 +443,7 @@ def plan_multisite_runs(args) -> tuple[list[PlannedRun], list[str]]:
   """--multisite: every config × seed with the config's sites, nothing held out beyond the
   config's own `data.held_out`; `site` is unused ('')."""
   plan, all_sites = [], []
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)
   for spec in args.config:
     base = load_config(spec, args.set)
     all_sites += [s for s in sites_of(base) if s not in all_sites and s not in base.data.held_out]
@@ -499,7 +499,7 @@ def absent_notes(workdir: Path, failed, missing=()) -> list[str]:
 
 
 def write_multisite_report(args, plan, sites, finished, failed, missing=()) -> int:
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)
   seeds_done = {}
   for run, _ in finished:
     seeds_done.setdefault(config_name(run.spec), set()).add(run.seed)
@@ -530,7 +530,7 @@ def write_multisite_report(args, plan, sites, finished, failed, missing=()) -> i
 
 def write_uda_report(args, plan, finished, failed, missing=()) -> int:
   """finished: [(run, method label, records)] -> DIR/sweep.md (a table per direction) and sweep.csv."""
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)
   notes = [f"target test volumes, mean ± std over {args.seeds} seed(s) (n=k: only k finished); Dice and ASD "
            "per structure, 'mean' = mean over structures; no target label was used for training or model "
            "selection except in rows marked [target labels] or [oracle]",
@@ -733,7 +733,7 @@ def import_submitit():
 
 def make_executor(args, submitit):
   """The submitit executor of --executor with the job options (logs and pickles in DIR/submitit)."""
-  executor = submitit.AutoExecutor(folder=Path(args.workdir) / "submitit", cluster=args.executor)
+  executor = submitit.AutoExecutor(folder=as_path(args.workdir) / "submitit", cluster=args.executor)
   executor.update_parameters(name="medgen_jax_sweep", timeout_min=args.job_minutes,
                              slurm_partition=args.slurm_partition, gpus_per_node=args.slurm_gpus,
                              cpus_per_task=args.slurm_cpus, slurm_array_parallelism=args.slurm_array_parallelism)
@@ -747,7 +747,7 @@ def run_as_jobs(args, plan: SweepPlan, indices, argv):
   from medgen_jax import train_lib  # imports JAX; keep `--help` fast
 
   submitit = import_submitit()
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)
   done, failed, pending = [], [], []
   for i in indices:
     if (plan.runs[i].run_dir / "results.json").is_file():
@@ -796,7 +796,7 @@ def gather_finished(plan: SweepPlan, indices):
 
 def write_loo_report(args, plan: SweepPlan, done, failed, missing, metrics) -> int:
   """The leave-one-domain-out tables (module docstring) from done = [(index, records)]."""
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)
   finished = []
   for i, records in done:
     run = plan.runs[i]
@@ -852,7 +852,7 @@ def write_loo_report(args, plan: SweepPlan, done, failed, missing, metrics) -> i
 def write_sweep_report(args, plan: SweepPlan, done, failed, missing, metrics) -> int:
   """The mode's tables from done = [(index, records)] (plan order), the failed [(run, why)] and the
   not-finished runs (--report)."""
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)
   if not done and not failed:
     print(f"error: none of the {len(plan.runs)} planned run(s) has finished in {workdir}, so no table "
           "was written. Fix: run the sweep without --report (or wait for its jobs)", file=sys.stderr)
@@ -983,7 +983,7 @@ def main(argv=None) -> int:
     print(f"error: {problem}", file=sys.stderr)
     return 2
   metrics = list(dict.fromkeys(m.strip() for m in args.metrics.split(",") if m.strip()))
-  workdir = Path(args.workdir)
+  workdir = as_path(args.workdir)
   try:
     plan = plan_sweep(args)
   except SweepConfigError as e:

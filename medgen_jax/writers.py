@@ -6,6 +6,12 @@ Each step is recorded once, however often a run was killed and resumed: a writer
 model that resumes from step S first drops that model's records after S from metrics.jsonl
 (rewritten atomically) and rebuilds the model's TensorBoard folder from the records kept, so
 neither file ever holds a step twice.
+
+The workdir may be a bucket (medgen_jax/paths.py): an object cannot be appended to, so there
+metrics.jsonl is rewritten whole at each write (a run logs a few thousand short lines at most).
+TensorBoard event files go through tensorboardX, which writes to gs:// and s3:// only with its
+cloud extras installed; where it cannot open the folder, a warning says so and metrics.jsonl
+(which holds every scalar) is still written.
 """
 
 from __future__ import annotations
@@ -13,12 +19,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
+import warnings
 
 import numpy as np
 
 from medgen_jax import parallel
-from medgen_jax.data.nifti import write_bytes_atomic
+from medgen_jax.paths import as_path, is_local, write_bytes_atomic
 
 
 def _plain(value):
@@ -30,9 +36,9 @@ def _plain(value):
   return value.tolist() if np.all(np.isfinite(value)) else [_plain(v) for v in value]
 
 
-def read_records(path: str | Path) -> list[dict]:
+def read_records(path) -> list[dict]:
   """The records of a metrics.jsonl; a torn last line (a kill mid-write) is ignored."""
-  path = Path(path)
+  path = as_path(path)
   if not path.is_file():
     return []
   records = []
@@ -44,32 +50,60 @@ def read_records(path: str | Path) -> list[dict]:
   return records
 
 
+def _missing_tensorboard_writer(folder) -> str | None:
+  """The package tensorboardX's event writer needs for `folder`'s file system, if not installed."""
+  import importlib.util
+  scheme = str(folder).split("://", 1)[0] if not is_local(folder) else ""
+  needs = {"gs": ("google.cloud.storage", "google-cloud-storage"), "s3": ("boto3", "boto3")}
+  if scheme not in needs:
+    return None if is_local(folder) else f"a writer for {scheme}:// (tensorboardX has gs:// and s3://)"
+  module, package = needs[scheme]
+  try:
+    found = importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:
+    found = False
+  return None if found else package
+
+
 class MetricWriter:
-  def __init__(self, workdir: str | Path, *, model: str, resume_step: int = 0):
+  def __init__(self, workdir, *, model: str, resume_step: int = 0):
     self.enabled = parallel.is_main_process()
     self.model = model
     self._jsonl = None
     self._tb = None
     if not self.enabled:
       return
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "metrics.jsonl"
+    self._path = path = workdir / "metrics.jsonl"
     records = read_records(path)
     kept = [r for r in records if r.get("model") != model or r.get("step", 0) <= resume_step]
     if len(kept) != len(records) or (path.is_file() and not path.read_text().endswith("\n")
                                      and path.stat().st_size):
       write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-    self._jsonl = open(path, "a")
-    from tensorboardX import SummaryWriter  # light, TensorFlow-free event writer
+    if is_local(path):
+      self._jsonl = open(path, "a")
+    else:  # an object store: the lines are kept here and the object rewritten at each write
+      self._lines = [json.dumps(r) + "\n" for r in kept]
     tb_dir = workdir / "tensorboard" / model
-    shutil.rmtree(tb_dir, ignore_errors=True)
-    self._tb = SummaryWriter(str(tb_dir))
+    if is_local(tb_dir):
+      shutil.rmtree(tb_dir, ignore_errors=True)
+    elif tb_dir.exists():
+      tb_dir.rmtree()
+    missing = _missing_tensorboard_writer(tb_dir)
+    if missing:
+      warnings.warn(f"no TensorBoard events in {tb_dir}: tensorboardX needs {missing} to write there; "
+                    f"metrics.jsonl has every scalar. Fix: pip install {missing}", RuntimeWarning, stacklevel=2)
+    else:
+      from tensorboardX import SummaryWriter  # light, TensorFlow-free event writer
+      self._tb = SummaryWriter(str(tb_dir))
     for record in kept:
       if record.get("model") == model:
         self._add_scalars(record)
 
   def _add_scalars(self, record: dict) -> None:
+    if self._tb is None:
+      return
     for key, value in record.items():
       if key not in ("step", "kind", "model") and isinstance(value, float) and math.isfinite(value):
         self._tb.add_scalar(f"{record['kind']}/{key}", value, int(record["step"]))
@@ -79,12 +113,20 @@ class MetricWriter:
       return
     record = {"step": int(step), "kind": kind, "model": self.model}
     record.update({k: _plain(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-    self._jsonl.flush()
+    line = json.dumps(record, allow_nan=False) + "\n"
+    if self._jsonl is not None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    else:
+      self._lines.append(line)
+      write_bytes_atomic(self._path, "".join(self._lines).encode())
     self._add_scalars(record)
-    self._tb.flush()
+    if self._tb is not None:
+      self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()

@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from medgen_jax.data.errors import DataError
+from medgen_jax.paths import write_bytes_atomic
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -176,16 +177,3 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, *
   if path.name.lower().endswith(".gz"):
     raw = gzip.compress(raw, compresslevel=6, mtime=0)
   write_bytes_atomic(path, raw)
-
-
-def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      f.write(payload)
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()

@@ -16,13 +16,12 @@ instead unlabelled adaptation data ('adapt') and only its test list is tested.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from medgen_jax.data.errors import DataError, Problem
-from medgen_jax.data.nifti import write_bytes_atomic
+from medgen_jax.paths import as_path, write_bytes_atomic
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -73,14 +72,14 @@ def check_splits(splits: Splits, *, source: str = "splits") -> None:
     raise DataError(problems)
 
 
-def save_splits(path: str | Path, splits: Splits, *, seed: int | None = None) -> None:
+def save_splits(path, splits: Splits, *, seed: int | None = None) -> None:
   check_splits(splits, source=str(path))
   payload = {"version": 1, "seed": seed, "sites": splits}
   write_bytes_atomic(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
 
 
-def load_splits(path: str | Path) -> Splits:
-  path = Path(path)
+def load_splits(path) -> Splits:
+  path = as_path(path)
   try:
     payload = json.loads(path.read_text())
     splits = {site: {name: list(ids) for name, ids in by_split.items()}
