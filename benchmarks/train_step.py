@@ -36,8 +36,8 @@ domain-balanced sampler on brain-sites (generated under data/brain-sites if miss
 `fast` = models/unet.py's XLA-friendly layers (same math); `plain` = textbook flax layers
 (nn.ConvTranspose, nn.max_pool, 1x1 nn.Conv head).
 
---suite accelerator (issue 12 §4): one command for a GPU/TPU, about 5-8 minutes on an H100/H200,
-printing one JSON line per measurement as it finishes:
+--suite accelerator (issue 12 §4): one command for a GPU/TPU, sized for <= 8 minutes on an H100/H200
+(not yet run on one), printing one JSON line per measurement as it finishes:
     python benchmarks/train_step.py --suite accelerator
 DeepAll on batch 32 of 256x256; exact second-order MLDG and MASF on 33 slices (2 + 1 domains x
 11); SIFA's iteration at its released sizes on 8 + 8 slices of 256x256; DeepAll's step with the
@@ -126,6 +126,17 @@ class Setup:
   state: object
 
 
+_PREPARED: dict = {}
+
+
+def _prepared(data_config):
+  """prepare_data, once per data config in this process (the suite's entries and dtypes share it)."""
+  key = data_config.to_json_best_effort(sort_keys=True)
+  if key not in _PREPARED:
+    _PREPARED[key] = prepare_data(data_config, progress=None)
+  return _PREPARED[key]
+
+
 def setup_step(batch: int, size: int, dtype: str, fast: bool, *, data_root: str,
                method: str = "deepall", first_order: bool = False, phase: int | None = None,
                gan_size: str = "quick", overrides: dict | None = None,
@@ -158,7 +169,7 @@ def setup_step(batch: int, size: int, dtype: str, fast: bool, *, data_root: str,
     config.data.target_adaptation = True
     config.data.sites = ("A", "D")
     config.eval.selection = "last"
-  data = prepare_data(config.data, progress=None)
+  data = _prepared(config.data)
   sources = list(data.sources)
   if methods.get(method).SAMPLER != "episodic":
     while batch % len(sources):
@@ -314,20 +325,21 @@ class SuiteEntry:
 # GPU sizes. MLDG/MASF: 2 meta-train + 1 meta-test domains of 11 slices, 33 in all, the multiple
 # of 3 nearest DeepAll's 32 (their ratio to DeepAll is per slice). SIFA: batch 8 + 8 at its
 # released network sizes. 3-D: DeepAll's step on batch 2 of 128^3 patches, U-Net 16-..-256.
+# In priority order (the time budget skips the last ones first).
 ACCELERATOR_SUITE = (
     SuiteEntry("deepall", "deepall", 32, 256),
     SuiteEntry("mldg", "mldg", 33, 256),
     SuiteEntry("masf", "masf", 33, 256),
-    SuiteEntry("sifa", "sifa", 8, 256, gan_size="full"),
     SuiteEntry("deepall_3d", "deepall", 2, 128, three_d=True),
+    SuiteEntry("sifa", "sifa", 8, 256, gan_size="full"),
 )
 # --tiny: the same steps at CPU-test sizes (U-Net 4-8-16, 32^2 slices, 16^3 patches).
 TINY_SUITE = (
     SuiteEntry("deepall", "deepall", 4, 32),
     SuiteEntry("mldg", "mldg", 6, 32),
     SuiteEntry("masf", "masf", 6, 32),
-    SuiteEntry("sifa", "sifa", 2, 32),
     SuiteEntry("deepall_3d", "deepall", 1, 16, three_d=True),
+    SuiteEntry("sifa", "sifa", 2, 32),
 )
 TINY_MODEL = {"model.base_features": 4, "model.depth": 1}
 
