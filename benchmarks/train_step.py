@@ -583,7 +583,8 @@ def main(argv=None) -> int:
   parser.add_argument("--gan-size", default="quick", choices=("quick", "full"),
                       help="translation networks: SIFA's released sizes or the CPU :quick sizes")
   suite = parser.add_argument_group("--suite accelerator")
-  suite.add_argument("--devices", type=int, default=None, help="local devices to pmap over (default 1: per-chip figures)")
+  suite.add_argument("--devices", type=int, default=None, help="local devices to pmap over (default 1: per-chip figures); "
+                     "each batch (MLDG/MASF: each domain's 11 slices) must split evenly over them")
   suite.add_argument("--budget-s", type=float, default=420.0,
                      help="start no further measurement after this many seconds (skipped lines say so)")
   suite.add_argument("--peak-tflops", type=float, default=None,
