@@ -402,7 +402,7 @@ def measure_compiled(run: Setup, *, steps: int, repeats: int, peak_flops: float 
   device_batch = runner.put(host_batch)
   start = time.perf_counter()
   # DataParallel's own pmapped step, compiled ahead of time (once) to read XLA's analyses.
-  lowered = runner._step.lower(state, device_batch, key)
+  lowered = runner.lower(state, device_batch, key)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   flops, lowered_flops, flops_source = step_flops(lowered, compiled)

@@ -180,6 +180,11 @@ class DataParallel:
     state, metrics = self._step(replicated_state, self._local_shards(host_batch), key)
     return state, jax.tree.map(lambda x: x[0], metrics)
 
+  def lower(self, replicated_state, device_batch, key):
+    """The pmapped step lowered for these arguments (a batch from `put`): `.compile()` it once
+    ahead of time, or read XLA's cost and memory analyses (benchmarks/train_step.py)."""
+    return self._step.lower(replicated_state, device_batch, key)
+
   def step_on_devices(self, replicated_state, device_batch, key):
     """One step on a batch from `put`; returns (replicated state, replicated metrics). Nothing
     is brought back to the host, so the host never waits for the device here."""
