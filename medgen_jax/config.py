@@ -11,6 +11,7 @@ import ml_collections
 from medgen_jax import methods
 from medgen_jax.augment import default_augment_config
 from medgen_jax.data.pipeline import default_data_config
+from medgen_jax.models.unet3d import check_levels
 
 METHODS = tuple(methods.MODULES)
 SELECTIONS = ("val", "last", "oracle")
@@ -36,7 +37,12 @@ def base_config() -> ml_collections.ConfigDict:
       # shared | domain = squeeze-and-excitation (Hu et al.) after every block of se_blocks
       # (encoder | encoder_decoder: Enc / Enc-Dec USE-Net, Rundo et al.) with reduction ratio
       # se_reduction; 'domain' = one SE per site (the talk's USE-Net row).
-      "adapter": "none", "se": "none", "se_reduction": 8, "se_blocks": "encoder_decoder"})
+      "adapter": "none", "se": "none", "se_reduction": 8, "se_blocks": "encoder_decoder",
+      # model.name='unet3d' (3-D patches, data.patch_size; models/unet3d.py): per level a (D, H, W)
+      # pool size of 1 or 2 (depth entries) and odd kernel sizes (depth + 1: the last is the
+      # bottleneck's), e.g. ((1, 2, 2), ...) and ((1, 3, 3), ...) for thick slices; () = 2 and 3
+      # everywhere. models/unet3d.plan_pooling derives both from the spacing (nnU-Net's rule).
+      "pool_sizes": (), "kernel_sizes": ()})
 
   c.loss = ml_collections.ConfigDict({
       "ce_weight": 1.0, "dice_weight": 1.0,
@@ -60,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 500              # validation (source val cases) + checkpoint with metrics
   c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": False})
   c.eval = ml_collections.ConfigDict({
-      "batch_size": 32,           # slices per inference batch
+      "batch_size": 32,           # slices (3-D: patches) per inference batch
+      "overlap": 0.5,             # 3-D: sliding-window overlap (inference.sliding_window_predict)
       "selection": "val",         # val (source-site validation) | last | oracle (target labels!)
       "distances": True})         # ASD/HD95 in the final evaluation
   c.progress_bar = True
@@ -383,6 +390,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fail(key, "must be >= 1")
   if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
     fail("checkpoint", "every and keep must be >= 1")
+  validate_volumetric(config)   # before the method's own checks: a 2-D-only method is refused first
   module = methods.get(config.method)
   if hasattr(module, "validate"):
     module.validate(config)
@@ -418,3 +426,51 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.meta.optimizers == "summed" and config.meta.task_learning_rate > 0:
     fail("meta.task_learning_rate", "is used only with meta.optimizers='released' (one optimizer "
          "sees the summed objective otherwise): set it to 0, or use 'released'")
+
+
+# Methods whose every network is config.model's (train_state.make_model) on a pooled batch, so
+# that they train on 3-D patches unchanged; the others build 2-D networks or draw slice episodes.
+VOLUMETRIC_METHODS = ("deepall", "separate", "intra_site", "source_only", "supervised_target", "ummkd")
+
+
+def validate_volumetric(config: ml_collections.ConfigDict) -> None:
+  """3-D patch training (data.patch_size with model.name='unet3d'): the settings it needs and
+  the ones it cannot honour, each refused in one line naming the key and the fix."""
+  def fail(key, message):
+    raise ValueError(f"config.{key}: {message}")
+
+  patch = tuple(config.data.patch_size)
+  volumetric = config.model.name == "unet3d"
+  if not patch and not volumetric:
+    return
+  if not patch:
+    fail("model.name", "'unet3d' trains on 3-D patches: set data.patch_size=(D, H, W), e.g. (32, 64, 64), "
+         "or use model.name='unet' for 2-D slices")
+  if not volumetric:
+    fail("data.patch_size", f"{patch} asks for 3-D patches, which only the 3-D U-Net takes: set "
+         "model.name='unet3d', or data.patch_size=() for 2-D slices")
+  if len(patch) != 3 or any(int(p) < 1 for p in patch):
+    fail("data.patch_size", f"{patch}: needs 3 positive sizes (D, H, W), D along the slice axis")
+  if config.method not in VOLUMETRIC_METHODS:
+    fail("method", f"{config.method!r} trains 2-D networks or slice episodes only; 3-D patches "
+         f"(data.patch_size) train {', '.join(VOLUMETRIC_METHODS)}: use one of them, or data.patch_size=()")
+  if config.method == "ummkd" and config.ummkd.shared != "all":
+    fail("ummkd.shared", f"{config.ummkd.shared!r}: the shared-stream networks (models/multimodal.py) are "
+         "2-D; 3-D UMMKD is the Chilopod U-Net: set ummkd.shared='all' (with model.norm='dsbn')")
+  if config.data.context_slices != 1:
+    fail("data.context_slices", f"{config.data.context_slices}: a 3-D patch holds its neighbouring slices "
+         "already: set it to 1")
+  if config.model.adapter != "none" or config.model.se != "none":
+    fail("model.adapter" if config.model.adapter != "none" else "model.se",
+         "the 3-D U-Net has no adapters or squeeze-and-excitation: set model.adapter='none' and model.se='none'")
+  if not 0.0 <= config.data.oversample_foreground <= 1.0:
+    fail("data.oversample_foreground", f"{config.data.oversample_foreground} is not a fraction: use a "
+         "value in [0, 1] (nnU-Net: 0.33)")
+  if not 0.0 <= config.eval.overlap < 1.0:
+    fail("eval.overlap", f"{config.eval.overlap}: the sliding windows' overlap must be in [0, 1) (0.5: "
+         "nnU-Net and MONAI)")
+  try:
+    check_levels(patch, depth=config.model.depth, pool_sizes=config.model.pool_sizes,
+                 kernel_sizes=config.model.kernel_sizes)
+  except ValueError as e:   # names model.pool_sizes / model.kernel_sizes, or the patch
+    raise ValueError(f"config.{e}" if str(e).startswith("model.") else f"config.data.patch_size: {e}") from None

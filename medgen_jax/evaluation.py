@@ -1,7 +1,8 @@
 """Scoring whole volumes and trained runs: the evaluation library below the trainer and the CLIs.
 
-`evaluate_cases` predicts every volume of every site (medgen_jax/inference.py) and scores it in
-3-D per foreground class (medgen_jax/metrics.py): Dice and, with `distances`, ASSD and HD95 in mm.
+`evaluate_cases` predicts every volume of every site (medgen_jax/inference.predict_case: slice by
+slice, or by sliding-window inference on 3-D patches when `data.patch_size` is set) and scores it
+in 3-D per foreground class (medgen_jax/metrics.py): Dice and, with `distances`, ASSD and HD95 in mm.
 `restore_models` / `evaluate_models` / `evaluate_run` / `load_trained_models` restore a run's
 selected checkpoints through its method's interface (the evaluation network and its variables,
 methods/base.py) and write the results tables; train_lib, evaluate, predict and sweep import them
@@ -22,22 +23,24 @@ from medgen_jax import methods, metrics, parallel, report
 from medgen_jax.checkpoint import Checkpoints, abstract_like
 from medgen_jax.data.nifti import write_bytes_atomic
 from medgen_jax.data.pipeline import load_run_normalizer, prepare_data
-from medgen_jax.inference import make_predict_fn, predict_volume
+from medgen_jax.inference import is_volumetric, make_predict_fn, predict_case
 from medgen_jax.methods.base import RunInfo, domain_index
 from medgen_jax.runs import load_run_config
 
 
 def evaluate_cases(predict_fn, variables, cases_by_site, *, normalizer, data_config, num_classes: int,
                    batch_size: int, distances: bool = True, method: str = "", role_of=None,
-                   domain_of=None) -> list[dict]:
+                   domain_of=None, overlap: float = 0.5) -> list[dict]:
   """One record per volume: per-class Dice (and ASSD/HD95 in mm), the empty-mask flags.
-  `domain_of(site)`: the domain id a domain-specific network is applied with (None: not one)."""
+  `domain_of(site)`: the domain id a domain-specific network is applied with (None: not one).
+  3-D patch models (data_config.patch_size): `predict_fn` returns logits (predictor(...,
+  logits=True)), `batch_size` patches per forward, sliding windows overlapping by `overlap`."""
   records = []
   for site, cases in cases_by_site.items():
     for case in cases:
-      pred = predict_volume(predict_fn, variables, case.image, case.spacing, normalizer=normalizer,
-                            data_config=data_config, batch_size=batch_size, site=case.site,
-                            domain=domain_of(case.site) if domain_of else None)
+      pred = predict_case(predict_fn, variables, case.image, case.spacing, normalizer=normalizer,
+                          data_config=data_config, batch_size=batch_size, overlap=overlap, site=case.site,
+                          domain=domain_of(case.site) if domain_of else None)
       scores = metrics.score_volume(pred, case.label, num_classes=num_classes, spacing=case.spacing,
                                     distances=distances)
       records.append({"method": method, "site": site, "case": case.case_id,
@@ -60,24 +63,30 @@ class TrainedModel:
   # None = a network without them.
   domain_policy: str | None = None
 
-  def predictor(self):
+  def predictor(self, *, logits: bool = False):
     """(predict_fn, domain_of): the jitted prediction and the site -> domain-id map it needs
-    (None for a network without domain-specific layers)."""
-    return predictor(self.model, self.sources, self.domain_policy)
+    (None for a network without domain-specific layers). `logits`: as `predictor`."""
+    return predictor(self.model, self.sources, self.domain_policy, logits=logits)
 
 
-def predictor(model, sources, domain_policy: str | None):
+def predictor(model, sources, domain_policy: str | None, *, logits: bool = False):
+  """(predict_fn, domain_of) of an evaluation network; `logits=True` (3-D patch models, whose
+  sliding windows blend logits: inference.is_volumetric) returns logits instead of labels."""
   if domain_policy is None:
-    return make_predict_fn(model), None
-  return (make_predict_fn(model, domains=True),
+    return make_predict_fn(model, logits=logits), None
+  return (make_predict_fn(model, domains=True, logits=logits),
           functools.partial(domain_index, tuple(sources), policy=domain_policy))
 
 
 def run_info(config, num_classes: int, sources=()) -> RunInfo:
-  """What a method is told about one model (methods/base.py): classes, slice shape, the trainer's
+  """What a method is told about one model (methods/base.py): classes, input shape (one slice
+  (H, W, context_slices), or one 3-D patch (D, H, W, 1) with data.patch_size set), the trainer's
   data-parallel axis, the model's training sites (its domains)."""
-  return RunInfo(num_classes=num_classes,
-                 input_shape=(*config.data.in_plane_shape, config.data.context_slices),
+  if is_volumetric(config.data):
+    input_shape = (*config.data.patch_size, 1)
+  else:
+    input_shape = (*config.data.in_plane_shape, config.data.context_slices)
+  return RunInfo(num_classes=num_classes, input_shape=tuple(input_shape),
                  axis_name=parallel.AXIS_NAME, domains=tuple(sources))
 
 
@@ -149,19 +158,24 @@ def evaluate_models(config, data, trained_models, workdir: Path, *, results_name
   for trained in trained_models:
     def role_of(site, trained=trained):
       return "in-domain" if site in trained.sources else "unseen"
-    predict, domain_of = trained.predictor()
+    predict, domain_of = trained.predictor(logits=is_volumetric(config.data))
     records += evaluate_cases(predict, trained.variables, data.cases["test"],
                               normalizer=data.normalizer, data_config=config.data,
                               num_classes=data.num_classes, batch_size=config.eval.batch_size,
                               distances=config.eval.distances, method=method_label(config, trained),
-                              role_of=role_of, domain_of=domain_of)
+                              role_of=role_of, domain_of=domain_of, overlap=config.eval.overlap)
   sites = sorted(data.cases["test"])
   class_names = [data.info.labels[k] for k in sorted(data.info.labels) if k]
   rules = sorted({t.selection for t in trained_models})
   steps = ", ".join(f"{t.name}: step {t.step}" for t in trained_models)
+  if is_volumetric(config.data):
+    inputs = (f"{tuple(config.data.patch_size)} patches (sliding-window inference, overlap "
+              f"{config.eval.overlap})")
+  else:
+    inputs = f"{config.data.in_plane_shape} slices"
   notes = [f"method {config.method}, sources {data.sources}, held out {data.held_out or 'none'}",
            f"selection rule: {'; '.join(_selection_note(r) for r in rules)} ({steps})",
-           f"{config.num_steps} steps, batch {config.batch_size}, {config.data.in_plane_shape} slices, "
+           f"{config.num_steps} steps, batch {config.batch_size}, {inputs}, "
            f"normalization {config.data.normalization.name}, seed {config.seed}"]
   if config.data.get("target_adaptation"):
     notes.append("unsupervised adaptation: the held-out sites' train+val cases were seen without labels "

@@ -1,9 +1,13 @@
-"""Whole-volume prediction, slice by slice in fixed-size batches, back on the original grid.
+"""Whole-volume prediction, slice by slice or by 3-D patches in fixed-size batches, back on the
+original grid.
 
 A volume is preprocessed exactly as for training (normalization, in-plane resampling, crop/pad),
-every axial slice is predicted (no truncation to a multiple of the batch size: the last batch
-is padded), and the label map is mapped back to the volume's own grid (crop/pad inverted,
-in-plane resampling undone by nearest neighbour), so metrics use the file's voxel spacing.
+then a 2-D model predicts every axial slice (`predict_volume`; no truncation to a multiple of the
+batch size: the last batch is padded) and a 3-D patch model (`data.patch_size` set) the whole
+volume by sliding-window inference (`predict_volume_patches`, below); the label map is mapped
+back to the volume's own grid (crop/pad inverted, in-plane resampling undone by nearest
+neighbour), so metrics use the file's voxel spacing. `predict_case` picks the path from the data
+config; evaluation and `python -m medgen_jax.predict` call it.
 """
 
 from __future__ import annotations
@@ -18,14 +22,36 @@ from scipy import ndimage
 from medgen_jax.data.preprocess import context_offsets, crop_or_pad, preprocess_case
 
 
-def make_predict_fn(model, *, domains: bool = False):
+def make_predict_fn(model, *, domains: bool = False, logits: bool = False):
   """jit(variables, images [B, H, W, C]) -> labels [B, H, W] int32 (argmax of the logits); with
   `domains` (a network with domain-specific layers), jit(variables, images, domain [B]) ->
-  labels."""
+  labels. `logits=True`: the logits [B, ..., K] themselves (float32), what sliding-window
+  inference blends (3-D patch models: images [B, D, H, W, C])."""
+  head = (lambda out: out.astype(jnp.float32)) if logits else (lambda out: jnp.argmax(out, axis=-1))
   if domains:
-    return jax.jit(lambda variables, x, domain: jnp.argmax(
-        model.apply(variables, x, train=False, domain=domain), axis=-1))
-  return jax.jit(lambda variables, x: jnp.argmax(model.apply(variables, x, train=False), axis=-1))
+    return jax.jit(lambda variables, x, domain: head(model.apply(variables, x, train=False, domain=domain)))
+  return jax.jit(lambda variables, x: head(model.apply(variables, x, train=False)))
+
+
+def is_volumetric(data_config) -> bool:
+  """True for 3-D patch models (data.patch_size set), False for 2-D / 2.5-D slice models."""
+  return bool(tuple(data_config.get("patch_size", ())))
+
+
+def predict_case(predict_fn, variables, image: np.ndarray, spacing, *, normalizer, data_config,
+                 batch_size: int, overlap: float = 0.5, site: str | None = None,
+                 domain: int | None = None) -> np.ndarray:
+  """Label map [X, Y, Z] (uint8) on the grid of `image`: slice by slice (predict_volume) or, when
+  `data_config.patch_size` is set, by sliding-window inference on 3-D patches
+  (predict_volume_patches: `batch_size` patches per forward, `overlap`), where `predict_fn` must
+  return logits (make_predict_fn(..., logits=True)). `site`, `domain` as in predict_volume."""
+  if not is_volumetric(data_config):
+    return predict_volume(predict_fn, variables, image, spacing, normalizer=normalizer, data_config=data_config,
+                          batch_size=batch_size, site=site, domain=domain)
+  extra = () if domain is None else (np.full((batch_size,), domain, np.int32),)
+  return predict_volume_patches(lambda x: predict_fn(variables, x, *extra), image, spacing, normalizer=normalizer,
+                                data_config=data_config, patch_size=tuple(data_config.patch_size),
+                                overlap=overlap, batch_size=batch_size, site=site)
 
 
 def slice_stack(volume: np.ndarray, context_slices: int) -> np.ndarray:

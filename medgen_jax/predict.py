@@ -28,9 +28,11 @@ Geometry guarantee: each output lies on its input's own voxel grid as stored on 
 shape (X, Y, Z) and axis order, and the input's header geometry copied unchanged (sform and qform
 with their codes, voxel sizes, units), so `nib.load(out).affine == nib.load(in).affine` exactly
 whatever orientation the input was stored in (RAS, LPS, permuted axes...). Internally the volume
-is read in RAS+ (`data.nifti.load_nifti`), predicted slice by slice along the superior axis as in
-training and evaluation (`inference.predict_volume`), and the label map is flipped/permuted back to
-the stored orientation (`data.nifti.from_ras`).
+is read in RAS+ (`data.nifti.load_nifti`), predicted as in evaluation (`inference.predict_case`:
+slice by slice along the superior axis, or for a 3-D patch run (`data.patch_size`) by
+sliding-window inference over the whole volume with the run's `eval.overlap` and
+`eval.batch_size` patches per forward), and the label map is flipped/permuted back to the stored
+orientation (`data.nifti.from_ras`).
 
 Errors (missing path, a non-NIfTI file, a 4-D image without a channel, a run folder without
 config.json or without a finished run, an unknown --model, a missing or unknown --site for a
@@ -261,7 +263,8 @@ def main(argv=None) -> int:
     config, normalizer, models = load_run(workdir)
     trained = choose_model(models, args.model)
     normalizer_site = check_site(normalizer, args.site)
-    predict_fn, domain_of = trained.predictor()
+    from medgen_jax.inference import is_volumetric
+    predict_fn, domain_of = trained.predictor(logits=is_volumetric(config.data))
     try:
       domain = domain_of(args.site) if domain_of else None
     except ValueError as e:
@@ -275,7 +278,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
-  from medgen_jax.inference import predict_volume
+  from medgen_jax.inference import predict_case
 
   print(f"[predict] model {trained.name} of {workdir} (step {trained.step}, selection "
         f"{trained.selection}); {len(inputs)} volume(s) -> {out_dir}", flush=True)
@@ -283,9 +286,9 @@ def main(argv=None) -> int:
   for image_path, out_path, header in zip(inputs, outputs, stored):
     try:
       volume = load_nifti(image_path, channel=channel)
-      labels = predict_volume(predict_fn, trained.variables, volume.data, volume.spacing,
-                              normalizer=normalizer, data_config=config.data,
-                              batch_size=config.eval.batch_size, site=normalizer_site, domain=domain)
+      labels = predict_case(predict_fn, trained.variables, volume.data, volume.spacing,
+                            normalizer=normalizer, data_config=config.data, batch_size=config.eval.batch_size,
+                            overlap=config.eval.overlap, site=normalizer_site, domain=domain)
       if out_path.exists():  # appeared while predicting: still never overwritten
         raise UsageError(f"{out_path}: appeared while predicting; not overwritten. Fix: use another --out")
       save_labels(out_path, to_stored_grid(labels, volume.affine, header), header)

@@ -43,11 +43,13 @@ from medgen_jax import methods, parallel
 from medgen_jax.checkpoint import Checkpoints, abstract_like
 from medgen_jax.data.errors import DataError, DataWarning
 from medgen_jax.data.nifti import write_bytes_atomic
+from medgen_jax.data.patches import PatchSampler
 from medgen_jax.data.pipeline import PreparedData, prepare_data
 from medgen_jax.data.sampler import EpisodicSampler, SliceSampler, SourceTargetSampler
 from medgen_jax.data.splits import save_splits
 from medgen_jax.evaluation import (TrainedModel, abstract_state, evaluate_cases, evaluate_models, predictor,
                                    restore_selected, run_info, selection_key, trained_model)
+from medgen_jax.inference import is_volumetric
 from medgen_jax.methods.base import Phases, RunInfo, domain_index
 from medgen_jax.report import mean_dice
 from medgen_jax.runs import check_config, prepare_workdir, save_config
@@ -104,11 +106,17 @@ def init_run_parts(config, num_classes: int, *, sources=(), abstract: bool = Fal
 
 
 def make_sampler(config, data: PreparedData, sources):
-  """The sampler the method asks for (its SAMPLER): pooled, episodic or source + target."""
+  """The sampler the method asks for (its SAMPLER): pooled, episodic or source + target; with
+  data.patch_size set, pooled 3-D patches (data/patches.PatchSampler; config.validate admits only
+  pooled methods in 3-D)."""
   # The same seed in every process: each draws the same global batch and keeps its rows of it
   # (parallel.DataParallel), so the run does not depend on how many processes share it.
   seed = config.seed
   kind = methods.get(config.method).SAMPLER
+  if kind == "pooled" and is_volumetric(config.data):
+    return PatchSampler(data.volumes, sites=sources, batch_size=config.batch_size,
+                        patch_size=config.data.patch_size, seed=seed,
+                        oversample_foreground=config.data.oversample_foreground)
   if kind == "pooled":
     return SliceSampler(data.train, sites=sources, batch_size=config.batch_size, seed=seed)
   if kind == "source_target":
@@ -212,14 +220,16 @@ def train_one(config, data: PreparedData, *, name: str, sources: list[str], work
 def _train_loop(config, data, parts: RunParts, state, sampler, ckpts, *, name, sources, start, writer):
   eval_model, variables_of = methods.get(config.method).eval_network(config, parts.info)
   predict, domain_of = predictor(eval_model, sources,
-                                 config.model.unseen_domain if methods.uses_domains(config) else None)
+                                 config.model.unseen_domain if methods.uses_domains(config) else None,
+                                 logits=is_volumetric(config.data))
   val_cases = {s: data.cases["val"][s] for s in sources if data.cases["val"].get(s)}
   oracle_cases = {s: data.cases["test"][s] for s in data.held_out}
 
   def evaluate_for_selection(host_state) -> dict:
     variables = variables_of(host_state)
     common = dict(normalizer=data.normalizer, data_config=config.data, num_classes=data.num_classes,
-                  batch_size=config.eval.batch_size, distances=False, domain_of=domain_of)
+                  batch_size=config.eval.batch_size, distances=False, domain_of=domain_of,
+                  overlap=config.eval.overlap)
     out = {}
     if val_cases:
       out["val_dice"] = mean_dice(evaluate_cases(predict, variables, val_cases, **common))

@@ -60,6 +60,11 @@ def compute_dtype(name: str):
   return DTYPES[name]
 
 
+def _nested_tuple(levels) -> tuple:
+  """Per-level sizes as a tuple of int tuples (a config read back from config.json holds lists)."""
+  return tuple(tuple(int(v) for v in level) for level in levels)
+
+
 def make_model(model_config: ml_collections.ConfigDict, *, num_classes: int, dtype: str = "float32",
                bn_axis_name: str | None = None, num_domains: int = 1) -> UNet | UNet3D:
   if model_config.name == "unet3d":   # 3-D patches (models/unet3d.py); () = isotropic 2 / 3
@@ -69,8 +74,8 @@ def make_model(model_config: ml_collections.ConfigDict, *, num_classes: int, dty
     return UNet3D(num_classes=num_classes, base_features=model_config.base_features,
                   depth=model_config.depth, dropout=model_config.dropout, norm=model_config.norm,
                   bn_axis_name=bn_axis_name, dtype=compute_dtype(dtype), fast_ops=model_config.fast_ops,
-                  num_domains=num_domains, pool_sizes=tuple(model_config.get("pool_sizes", ())),
-                  kernel_sizes=tuple(model_config.get("kernel_sizes", ())))
+                  num_domains=num_domains, pool_sizes=_nested_tuple(model_config.get("pool_sizes", ())),
+                  kernel_sizes=_nested_tuple(model_config.get("kernel_sizes", ())))
   if model_config.name != "unet":
     raise ValueError(f"unknown model {model_config.name!r} (config model.name); available: unet, unet3d")
   # Adapters / squeeze-and-excitation (models/adapters.py); .get: a run saved before these keys

@@ -11,7 +11,9 @@
    never see a validation, test or held-out volume; `site_range` also fits each target site's
    own range on its unlabelled adaptation cases, see below), or, when resuming, reads the run's
    `run_dir/normalizer.json` instead of refitting;
-5. builds the training slice cache (unless `build_train=False`, for evaluation and prediction).
+5. builds the training slice cache (unless `build_train=False`, for evaluation and prediction),
+   or, with `data.patch_size` set (3-D patches), keeps the source sites' training volumes whole
+   (`PreparedData.volumes`, data/patches.build_volumes: the same preprocessing).
    Validation/test volumes stay whole for 3-D evaluation.
 
 Unsupervised domain adaptation (`target_adaptation=True`): each held-out (target) site's
@@ -51,6 +53,7 @@ from medgen_jax.data.errors import DataError
 from medgen_jax.data.layouts import DatasetInfo
 from medgen_jax.data.loading import Case, load_dataset
 from medgen_jax.data.normalize import Normalizer, make_normalizer
+from medgen_jax.data.patches import VolumeSet, build_volumes
 from medgen_jax.data.preprocess import correct_bias_field
 from medgen_jax.data.sampler import SliceCache, build_slice_cache
 from medgen_jax.data.splits import (check_same_cases, check_splits_match_cases, load_splits,
@@ -89,6 +92,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.in_plane_shape = (128, 128)
   c.in_plane_spacing = ()      # () = keep the data's spacing; e.g. (1.0, 1.0) to resample
   c.context_slices = 1         # odd k: k adjacent slices as channels (2.5-D)
+  # 3-D patches (data/patches.py, with model.name='unet3d'): (D, H, W) voxels, D along the slice
+  # axis; () = 2-D slices. Training draws patches from whole volumes, the last
+  # round(B * oversample_foreground) of each batch centred on a foreground voxel (nnU-Net's 0.33).
+  c.patch_size = ()
+  c.oversample_foreground = 0.33
   c.slices = "foreground"      # foreground | all: which slices are drawn for training
   c.cache_dtype = "float32"    # float32 | float16
   # True (unsupervised domain adaptation): each held-out (target) site's train+val cases become
@@ -107,11 +115,13 @@ class PreparedData:
   splits: dict
   protocol: dict[str, dict[str, list[str]]]   # split -> site -> case ids
   normalizer: Normalizer
-  train: SliceCache | None                   # None when built without the training cache
+  train: SliceCache | None                   # None when built without the training cache (or 3-D)
   cases: dict[str, dict[str, list[Case]]]    # split -> site -> whole volumes ('adapt': target sites'
                                              # unlabelled cases, empty unless target_adaptation)
   case_ids: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # every loaded case, per site
   adapt: SliceCache | None = None            # image-only target cache (target_adaptation and build_train)
+  volumes: VolumeSet | None = None           # 3-D (data.patch_size set) with build_train: whole training
+                                             # volumes for the patch sampler, instead of `train`
 
   @property
   def num_classes(self) -> int:
@@ -238,8 +248,14 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
                  for site, site_cases in fit_cases.items() for c in site_cases]
     normalizer = normalizer.fit([image for _, image in fit_pairs],
                                 sites=[site for site, _ in fit_pairs])
-  train = None
-  if build_train:
+  train = volumes = None
+  volumetric = bool(tuple(config.get("patch_size", ())))
+  if build_train and volumetric:
+    volumes = build_volumes(cases["train"], normalizer=normalizer,
+                            domain_ids=domain_ids, in_plane_spacing=tuple(config.in_plane_spacing) or None,
+                            in_plane_shape=tuple(config.in_plane_shape), bias_correction=config.bias_correction,
+                            bias_options=config.get("n4"), cache_dtype=config.cache_dtype)
+  elif build_train:
     train = build_slice_cache(cases["train"], normalizer=normalizer,
                               in_plane_shape=tuple(config.in_plane_shape), domain_ids=domain_ids,
                               in_plane_spacing=tuple(config.in_plane_spacing) or None,
@@ -247,7 +263,7 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
                               slices=config.slices, bias_correction=config.bias_correction,
                               bias_options=config.get("n4"))
   adapt = None
-  if build_train and target_adaptation:
+  if build_train and target_adaptation and not volumetric:   # no 3-D method adapts (config.validate)
     adapt = build_slice_cache(cases["adapt"], normalizer=normalizer,
                               in_plane_shape=tuple(config.in_plane_shape), domain_ids=domain_ids,
                               in_plane_spacing=tuple(config.in_plane_spacing) or None,
@@ -256,4 +272,4 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
                               bias_options=config.get("n4"),
                               labelled=False)
   return PreparedData(info, sources, held_out, domain_ids, splits, protocol, normalizer, train, cases,
-                      case_ids, adapt)
+                      case_ids, adapt, volumes)

@@ -140,6 +140,24 @@ def _levels(values, count: int, default: int, *, what: str, rank: int) -> tuple:
   return values
 
 
+def check_levels(patch_size: Sequence[int], *, depth: int, pool_sizes=(), kernel_sizes=()) -> tuple[tuple, tuple]:
+  """(pool_sizes, kernel_sizes) per level with the defaults filled in, checked against a patch
+  [D, H, W]: pools 1 or 2, kernels odd, and each patch axis divisible by the product of its
+  pools. One clear ValueError naming the config keys otherwise (UNet3D and config.validate)."""
+  rank = len(patch_size)
+  pools = _levels(pool_sizes, depth, 2, what="pool_sizes", rank=rank)
+  kernels = _levels(kernel_sizes, depth + 1, 3, what="kernel_sizes", rank=rank)
+  if any(p not in (1, 2) for level in pools for p in level):
+    raise ValueError(f"model.pool_sizes={pools}: each size must be 1 or 2")
+  if any(k < 1 or k % 2 == 0 for level in kernels for k in level):
+    raise ValueError(f"model.kernel_sizes={kernels}: each size must be odd ('SAME' padding)")
+  divisor = tuple(_prod([level[a] for level in pools]) for a in range(rank))
+  if any(int(size) % d for size, d in zip(patch_size, divisor)):
+    raise ValueError(f"patch {tuple(int(s) for s in patch_size)} must be divisible by {divisor} per axis, the "
+                     f"product of model.pool_sizes {pools} (config data.patch_size / model.depth)")
+  return pools, kernels
+
+
 class ConvBlock3D(nn.Module):
   """2 × (conv `kernel_size` without bias → norm → ReLU), named as models/unet.ConvBlock."""
 
@@ -181,16 +199,8 @@ class UNet3D(nn.Module):
     if x.ndim != 5:
       raise ValueError(f"UNet3D needs patches [B, D, H, W, C], got shape {x.shape}")
     rank = x.ndim - 2
-    pools = _levels(self.pool_sizes, self.depth, 2, what="pool_sizes", rank=rank)
-    kernels = _levels(self.kernel_sizes, self.depth + 1, 3, what="kernel_sizes", rank=rank)
-    if any(p not in (1, 2) for level in pools for p in level):
-      raise ValueError(f"model.pool_sizes={pools}: each size must be 1 or 2")
-    if any(k < 1 or k % 2 == 0 for level in kernels for k in level):
-      raise ValueError(f"model.kernel_sizes={kernels}: each size must be odd ('SAME' padding)")
-    divisor = tuple(_prod([level[a] for level in pools]) for a in range(rank))
-    if any(size % d for size, d in zip(x.shape[1:-1], divisor)):
-      raise ValueError(f"patch {x.shape[1:-1]} must be divisible by {divisor} per axis, the product of "
-                       f"model.pool_sizes {pools} (config data.patch_size / model.depth)")
+    pools, kernels = check_levels(x.shape[1:-1], depth=self.depth, pool_sizes=self.pool_sizes,
+                                  kernel_sizes=self.kernel_sizes)
     block = lambda f, kernel, name: ConvBlock3D(f, kernel, self.norm, self.bn_axis_name, self.dtype,
                                                 self.num_domains, name=name)
     x = x.astype(self.dtype)
