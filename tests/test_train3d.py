@@ -4,6 +4,7 @@ volume by sliding-window inference; the scores are checked against a forward pas
 written here from scratch, and the 3-D config errors are one line each."""
 
 import json
+import runpy
 import shutil
 from pathlib import Path
 
@@ -169,3 +170,39 @@ def test_anisotropic_pooling_passes_validation(tmp_path):
   config_lib.validate(tiny_config(tmp_path, **{"model.name": "unet3d", "data.patch_size": (2, 16, 16),
                                                "model.pool_sizes": ((1, 2, 2), (2, 2, 2))}))
 
+
+@pytest.mark.parametrize("name", ["deepall3d_brain", "ummkd3d_abdomen"])
+def test_shipped_3d_configs_validate_at_both_sizes(name):
+  path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+  for arg in (None, "quick"):
+    config = runpy.run_path(str(path))["get_config"](arg)
+    config_lib.validate(config)
+    assert config.model.name == "unet3d" and len(config.data.patch_size) == 3
+
+
+def test_ummkd_takes_the_3d_unet_and_its_loss_reduces_over_every_spatial_axis():
+  """UMMKD 3-D (configs/ummkd3d_abdomen.py): its Chilopod network is the UNet3D with one BN row
+  per modality (shapes by eval_shape, nothing compiled), and its loss (per-modality CE + Dice,
+  class-wise KD on) on [B, D, H, W, K] logits equals the 2-D loss (tests/test_ummkd.py checks
+  that one against numpy) on the same voxels laid out as [B, D·H, W, K] slices."""
+  from medgen_jax.evaluation import run_info
+  from medgen_jax.methods.multisite import ummkd
+  config = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / "ummkd3d_abdomen.py"))["get_config"]("quick")
+  info = run_info(config, NUM_CLASSES, ("MR", "CT"))
+  model = ummkd.segmenter(config, info, train=False)
+  assert isinstance(model, UNet3D) and info.input_shape == (16, 32, 32, 1)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, *info.input_shape), np.float32)))
+  assert shapes["params"]["down0"]["norm0"]["dsbn"]["scale"].shape == (2, config.model.base_features)
+  assert shapes["batch_stats"]["down0"]["norm0"]["dsbn"]["mean"].shape == (2, config.model.base_features)
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 2, 3, 5, NUM_CLASSES)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, size=(4, 2, 3, 5)).astype(np.int32)
+  labels[:2][labels[:2] == 3] = 0   # a class absent from one modality's patches
+  domain, params = np.array([0, 1, 0, 1], np.int32), {"k": {"kernel": np.ones((2, 2), np.float32)}}
+  run = lambda z, y: ummkd.objective(z, y, domain, params, config, num_classes=NUM_CLASSES, num_modalities=2)
+  loss3d, metrics3d = run(logits, labels)
+  loss2d, metrics2d = run(logits.reshape(4, 6, 5, NUM_CLASSES), labels.reshape(4, 6, 5))
+  assert float(metrics3d["loss_kd"]) > 0 and config.ummkd.kd_weight == 0.5
+  np.testing.assert_allclose(loss3d, loss2d, rtol=1e-6)
+  for key in ("loss_kd", "loss_seg", "loss_seg_m0", "loss_seg_m1"):
+    np.testing.assert_allclose(metrics3d[key], metrics2d[key], rtol=1e-6, err_msg=key)
