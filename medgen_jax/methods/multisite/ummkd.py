@@ -32,8 +32,9 @@ Differences from the released code: the backbone is the project U-Net, not the d
 FCN with the sub-pixel head (§3.2); dropout only after the bottleneck (model.dropout; released:
 keep 0.75 after every conv); one forward pass on the pooled batch with per-modality BN instead of
 one call per modality (the same statistics: convolutions are per-sample, DSBN's are per domain).
-The 3-D variant (3d_implementation/, whose release has the KD switched off) is out of scope until
-3-D training exists (issue 12).
+The 3-D variant (3d_implementation/, whose release has the KD switched off) is this method with
+model.name='unet3d' and data.patch_size (configs/ummkd3d_abdomen.py, KD on): the Chilopod network
+is `make_model(config.model, ...)` and every loss term reduces over any number of spatial axes.
 
 Baselines (configs/multimodal/): Separate (method 'separate': one network per modality), Joint
 (method 'deepall': one network, shared BN), and through `ummkd.shared` (models/multimodal.py)
