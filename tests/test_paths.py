@@ -16,6 +16,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from medgen_jax import runs, sweep
+from medgen_jax.checkpoint import Checkpoints
 from medgen_jax.config import base_config
 from medgen_jax.data.splits import load_splits, save_splits
 from medgen_jax.paths import as_path, is_local, write_bytes_atomic
@@ -29,6 +30,13 @@ class FakeGCS(MemoryFileSystem):
 
   def __init__(self, *args, finalize_on_close=None, **kwargs):  # epath passes finalize_on_close
     super().__init__(*args, **kwargs)
+
+  def _open(self, path, mode="rb", *args, **kwargs):
+    # A GCS object cannot be appended to: gcsfs ignores mode 'a' and overwrites (it only warns,
+    # fsspec/gcsfs#675), so a writer appending there would keep only its last line.
+    if "a" in mode:
+      raise NotImplementedError(f"mode {mode!r}: objects on gs:// cannot be appended to")
+    return super()._open(path, mode, *args, **kwargs)
 
 
 @pytest.fixture
@@ -63,7 +71,7 @@ def test_workdir_config_and_splits_on_a_bucket(bucket):
   config = base_config()
   runs.save_config(config, workdir)
   assert json.loads(_stored("gs://bucket/run/config.json"))["method"] == config.method
-  assert runs.load_run_config(workdir).to_dict() == config.to_dict()
+  assert runs.load_run_config(f"{bucket}/run").to_dict() == config.to_dict()  # a str, as the CLIs pass it
   other = base_config()
   other.num_steps = config.num_steps + 1
   with pytest.raises(ValueError, match="gs://bucket/run/config.json: this workdir holds a run with a "
@@ -96,3 +104,12 @@ def test_sweep_tables_on_a_bucket_equal_the_local_ones(bucket, tmp_path):
     assert sweep.write_tables(root, "| a |\n", rows)
   for name in ("sweep.md", "sweep.csv"):
     assert _stored(f"gs://bucket/sweep/{name}") == (tmp_path / name).read_bytes()
+
+
+def test_checkpoint_folder_on_a_bucket_keeps_its_scheme(bucket, tmp_path, monkeypatch):
+  """Checkpoints makes a local folder absolute (orbax wants that) and leaves a bucket path as it is.
+  (read_only: creating the manager on gs:// makes orbax ask google-cloud-storage about the bucket.)"""
+  ckpts = Checkpoints(f"{bucket}/run/deepall/checkpoints", read_only=True)
+  assert str(ckpts.directory) == "gs://bucket/run/deepall/checkpoints" and ckpts.steps() == []
+  monkeypatch.chdir(tmp_path)
+  assert str(Checkpoints("run/checkpoints", read_only=True).directory) == str(tmp_path / "run" / "checkpoints")
