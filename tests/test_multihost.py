@@ -183,19 +183,26 @@ def test_second_order_mldg_killed_process_and_restart_resume_exactly(setup):
   assert "first_order" not in configs["mldg"].read_text()  # the default: exact second order
   two = root / "two_processes_mldg"
   env, port = _env(devices=2), _free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "medgen_jax.train", "--coordinator_address",
-                             f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i),
-                             *_args(setup, "mldg", two)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  # stderr to files, not pipes: an unread pipe that fills up would stall a process, and reading
+  # one of a process that is still running would wait for it forever
+  logs = [root / f"mldg_process_{i}.stderr" for i in range(2)]
+  procs = []
+  for i, log in enumerate(logs):
+    with log.open("w") as err:
+      procs.append(subprocess.Popen([sys.executable, "-m", "medgen_jax.train", "--coordinator_address",
+                                     f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i),
+                                     *_args(setup, "mldg", two)],
+                                    cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err))
   checkpoints = two / "mldg" / "checkpoints"
   deadline = time.monotonic() + 300
-  while not (checkpoints / "2").is_dir():
-    assert time.monotonic() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
-    time.sleep(0.02)
-  for p in reversed(procs):
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+  try:
+    while not (checkpoints / "2").is_dir():
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+      time.sleep(0.02)
+  finally:
+    for p in reversed(procs):
+      p.send_signal(signal.SIGKILL)
+      p.wait()
   saved = sorted(int(d.name) for d in checkpoints.iterdir() if d.name.isdigit())
   assert saved and saved[-1] < NUM_STEPS["mldg"], saved  # killed mid-run
 
