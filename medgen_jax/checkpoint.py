@@ -71,7 +71,9 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
                                            best_fn=self._score, best_mode="max",
                                            keep_checkpoints_without_metrics=True,
-                                           enable_async_checkpointing=save_async)
+                                           enable_async_checkpointing=save_async,
+                                           # a kill mid-save leaves an unfinished temporary folder
+                                           cleanup_tmp_directories=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
 
@@ -81,17 +83,21 @@ class Checkpoints:
   def _set_aside_unreadable_metrics(self) -> None:
     """orbax parses every step's metrics file when it opens the folder; one torn file would make
     the whole run unusable, so such a step is treated as a damaged checkpoint."""
-    if not self.directory.is_dir():
-      return
-    for step_dir in sorted(p for p in self.directory.iterdir() if p.name.isdigit()):
-      path = step_dir / "metrics" / "metrics"
-      if not path.is_file():
-        continue
-      try:
-        json.loads(path.read_text())
-      except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        self._damaged(int(step_dir.name), f"its metrics file {path} is unreadable ({e})",
-                      then="it is not used")
+    damaged = []
+    if self.directory.is_dir():
+      for step_dir in sorted(p for p in self.directory.iterdir() if p.name.isdigit()):
+        path = step_dir / "metrics" / "metrics"
+        if not path.is_file():
+          continue
+        try:
+          json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+          damaged.append((int(step_dir.name), f"its metrics file {path} is unreadable ({e})"))
+    # Every process lists before process 0 renames anything (move_aside), so all of them see the
+    # same damaged steps and meet at the same barriers.
+    parallel.barrier(f"medgen_jax.checkpoint:listed:{self.directory}")
+    for step, reason in damaged:
+      self._damaged(step, reason, then="it is not used")
 
   def _damaged(self, step: int, reason: str, *, then: str) -> None:
     where = self.directory / str(step)

@@ -96,7 +96,11 @@ def save_config(config, workdir: epath.Path) -> None:
 def prepare_workdir(workdir) -> epath.Path:
   """The run folder (created), local or in a bucket (medgen_jax/paths.py)."""
   workdir = as_path(workdir)
-  if workdir.exists() and not workdir.is_dir():
-    raise ValueError(f"--workdir {workdir} is a file, not a folder. Fix: give a folder path")
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    if workdir.exists() and not workdir.is_dir():
+      raise ValueError(f"--workdir {workdir} is a file, not a folder. Fix: give a folder path")
+    workdir.mkdir(parents=True, exist_ok=True)
+  except ImportError as e:  # epath reaches buckets through optional packages
+    raise ValueError(f"--workdir {workdir}: {e}. Fix: pip install 'medgen_jax[gcs]' for gs:// "
+                     "(gcsfs, google-cloud-storage), or s3fs for s3://") from None
   return workdir

@@ -8,7 +8,8 @@ model that resumes from step S first drops that model's records after S from met
 neither file ever holds a step twice.
 
 The workdir may be a bucket (medgen_jax/paths.py): an object cannot be appended to, so there
-metrics.jsonl is rewritten whole at each write (a run logs a few thousand short lines at most).
+metrics.jsonl is rewritten whole, at most every `BUCKET_UPLOAD_SECONDS` and at `close` (GCS takes
+about one write per second per object; a resume drops records after its checkpoint anyway).
 TensorBoard event files go through tensorboardX, which writes to gs:// and s3:// only with its
 cloud extras installed; where it cannot open the folder, a warning says so and metrics.jsonl
 (which holds every scalar) is still written.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 import warnings
 
 import numpy as np
@@ -65,6 +67,9 @@ def _missing_tensorboard_writer(folder) -> str | None:
   return None if found else package
 
 
+BUCKET_UPLOAD_SECONDS = 30.0
+
+
 class MetricWriter:
   def __init__(self, workdir, *, model: str, resume_step: int = 0):
     self.enabled = parallel.is_main_process()
@@ -83,8 +88,9 @@ class MetricWriter:
       write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
     if is_local(path):
       self._jsonl = open(path, "a")
-    else:  # an object store: the lines are kept here and the object rewritten at each write
+    else:  # an object store: the lines are kept here and the object rewritten now and then
       self._lines = [json.dumps(r) + "\n" for r in kept]
+      self._uploaded = time.monotonic()
     tb_dir = workdir / "tensorboard" / model
     if is_local(tb_dir):
       shutil.rmtree(tb_dir, ignore_errors=True)
@@ -119,14 +125,21 @@ class MetricWriter:
       self._jsonl.flush()
     else:
       self._lines.append(line)
-      write_bytes_atomic(self._path, "".join(self._lines).encode())
+      if time.monotonic() - self._uploaded >= BUCKET_UPLOAD_SECONDS:
+        self._upload()
     self._add_scalars(record)
     if self._tb is not None:
       self._tb.flush()
+
+  def _upload(self) -> None:
+    write_bytes_atomic(self._path, "".join(self._lines).encode())
+    self._uploaded = time.monotonic()
 
   def close(self) -> None:
     if self.enabled:
       if self._jsonl is not None:
         self._jsonl.close()
+      else:
+        self._upload()
       if self._tb is not None:
         self._tb.close()

@@ -8,6 +8,7 @@ which cannot be faked offline; they are not covered here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -98,6 +99,22 @@ def test_metrics_on_a_bucket_are_rewritten_whole_and_resume_drops_later_steps(bu
   assert [r["loss"] for r in read_records(f"{bucket}/run/metrics.jsonl")] == [1.0, 0.5, 0.25]
 
 
+def test_metrics_on_a_bucket_are_uploaded_at_most_every_interval_and_at_close(bucket, monkeypatch):
+  import medgen_jax.writers as writers
+  clock = [1000.0]
+  monkeypatch.setattr(writers.time, "monotonic", lambda: clock[0])
+  writer = MetricWriter(f"{bucket}/run", model="m")
+  writer.write(1, "train", {"loss": 1.0})
+  assert "gs://bucket/run/metrics.jsonl" not in FakeGCS.store  # within the interval: not uploaded
+  clock[0] += writers.BUCKET_UPLOAD_SECONDS
+  writer.write(2, "train", {"loss": 2.0})
+  assert [r["step"] for r in read_records(f"{bucket}/run/metrics.jsonl")] == [1, 2]
+  writer.write(3, "train", {"loss": 3.0})
+  assert [r["step"] for r in read_records(f"{bucket}/run/metrics.jsonl")] == [1, 2]
+  writer.close()
+  assert [r["step"] for r in read_records(f"{bucket}/run/metrics.jsonl")] == [1, 2, 3]
+
+
 def test_sweep_tables_on_a_bucket_equal_the_local_ones(bucket, tmp_path):
   rows = [{"method": "DeepAll", "site": "D", "seed": 0, "dice": 0.5}]
   for root in (tmp_path, as_path(f"{bucket}/sweep")):
@@ -113,3 +130,11 @@ def test_checkpoint_folder_on_a_bucket_keeps_its_scheme(bucket, tmp_path, monkey
   assert str(ckpts.directory) == "gs://bucket/run/deepall/checkpoints" and ckpts.steps() == []
   monkeypatch.chdir(tmp_path)
   assert str(Checkpoints("run/checkpoints", read_only=True).directory) == str(tmp_path / "run" / "checkpoints")
+
+
+def test_a_bucket_without_its_file_system_package_is_one_error_naming_the_fix(bucket):
+  # s3:// (never faked here) needs s3fs, which the test environment does not install
+  if importlib.util.find_spec("s3fs") is not None:
+    pytest.skip("s3fs is installed")
+  with pytest.raises(ValueError, match=r"--workdir s3://bucket/run: .*s3fs.*Fix: pip install .*s3fs for s3://"):
+    runs.prepare_workdir("s3://bucket/run")
