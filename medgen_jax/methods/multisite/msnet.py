@@ -80,7 +80,6 @@ teacher_grad_norm, student_grad_norm, phase (0 warm-up, 1 both updates).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -391,8 +390,8 @@ def write_figures(config, data, state, out_dir) -> dict:
   the model trained on "in-domain", any other "unseen", as evaluation.evaluate_models does),
   Dice only. Writes `out_dir`/results_<branch>.{md,csv,json}; returns {'records', 'markdown'}."""
   from medgen_jax import evaluation, methods, report   # evaluation imports the method registry
-  from medgen_jax.data.nifti import write_bytes_atomic
-  out_dir = Path(out_dir)
+  from medgen_jax.paths import as_path, write_bytes_atomic
+  out_dir = as_path(out_dir)
   branch = other_branch(config)
   other = config.copy_and_resolve_references()
   other.msnet.eval_branch = branch

@@ -13,7 +13,7 @@ data, state, out_dir)` once a model is trained (methods/base.py); the methods he
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import jax
 import numpy as np
@@ -21,6 +21,7 @@ import numpy as np
 from medgen_jax.data.preprocess import preprocess_case
 from medgen_jax.inference import slice_stack
 from medgen_jax.methods.base import RunInfo
+from medgen_jax.paths import as_path, write_bytes_atomic
 
 ROWS = ("source", "source → target", "reconstructed source", "target", "prediction", "truth")
 COLOURS = ["#00000000", "#1f77b4", "#d62728", "#f1c40f", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
@@ -50,7 +51,7 @@ def preview_slices(config, data, *, count: int = 4):
   return src, tgt, truth
 
 
-def write_grid(rows: dict, out: Path, *, num_classes: int) -> Path:
+def write_grid(rows: dict, out, *, num_classes: int):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -74,13 +75,15 @@ def write_grid(rows: dict, out: Path, *, num_classes: int) -> Path:
       if c == 0:
         ax.set_ylabel(name, fontsize=8)
   fig.tight_layout()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=80)
+  buffer = io.BytesIO()  # through write_bytes_atomic: the run folder may be a bucket
+  fig.savefig(buffer, format="png", dpi=80)
   plt.close(fig)
+  out = as_path(out)
+  write_bytes_atomic(out, buffer.getvalue())
   return out
 
 
-def write_translation_preview(config, data, out_dir, *, translate, reconstruct, segment) -> Path:
+def write_translation_preview(config, data, out_dir, *, translate, reconstruct, segment):
   """The preview grid of one model: `translate` source → target images, `reconstruct` them
   back, `segment` target images → logits (the evaluated network)."""
   src, tgt, truth = preview_slices(config, data)
@@ -89,7 +92,7 @@ def write_translation_preview(config, data, out_dir, *, translate, reconstruct, 
   fake = np.asarray(translate(src))
   rows = dict(zip(ROWS, (src, fake, np.asarray(reconstruct(fake)), tgt,
                          np.argmax(np.asarray(segment(tgt)), axis=-1), truth)))
-  return write_grid(rows, Path(out_dir) / "translation_preview.png", num_classes=data.num_classes)
+  return write_grid(rows, as_path(out_dir) / "translation_preview.png", num_classes=data.num_classes)
 
 
 def evaluated(eval_network, config, data, state):
