@@ -199,7 +199,7 @@ def test_ummkd_takes_the_3d_unet_and_its_loss_reduces_over_every_spatial_axis():
   labels = rng.integers(0, NUM_CLASSES, size=(4, 2, 3, 5)).astype(np.int32)
   labels[:2][labels[:2] == 3] = 0   # a class absent from one modality's patches
   domain, params = np.array([0, 1, 0, 1], np.int32), {"k": {"kernel": np.ones((2, 2), np.float32)}}
-  run = lambda z, y: ummkd.objective(z, y, domain, params, config, num_classes=NUM_CLASSES, num_modalities=2)
+  run = jax.jit(lambda z, y: ummkd.objective(z, y, domain, params, config, num_classes=NUM_CLASSES, num_modalities=2))
   loss3d, metrics3d = run(logits, labels)
   loss2d, metrics2d = run(logits.reshape(4, 6, 5, NUM_CLASSES), labels.reshape(4, 6, 5))
   assert float(metrics3d["loss_kd"]) > 0 and config.ummkd.kd_weight == 0.5
