@@ -25,6 +25,7 @@ from medgen_jax.data.nifti import write_bytes_atomic
 from medgen_jax.data.pipeline import load_run_normalizer, prepare_data
 from medgen_jax.inference import is_volumetric, make_predict_fn, predict_case
 from medgen_jax.methods.base import RunInfo, domain_index
+from medgen_jax.paths import as_path
 from medgen_jax.runs import load_run_config
 
 
@@ -202,7 +203,7 @@ def evaluate_run(config, workdir: str | Path) -> dict:
   """Re-evaluates a run from its checkpoints, split and normalizer (no training step). Under the
   run's own selection rule it rewrites results.*; under another (`config.eval.selection` changed)
   it writes results_<rule>.*, so results.md keeps describing what predict uses."""
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   if not (workdir / "splits.json").is_file():
     raise ValueError(f"{workdir}: no splits.json (the run never started). Fix: train first "
                      f"(python -m medgen_jax.train --workdir {workdir} ...)")
@@ -215,7 +216,7 @@ def evaluate_run(config, workdir: str | Path) -> dict:
 
 def load_trained_models(workdir: str | Path, *, selection: str | None = None):
   """(config, normalizer, [TrainedModel]) of a run, without its dataset: for prediction."""
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   config = load_run_config(workdir)
   if selection is not None:
     if selection not in config_lib.SELECTIONS:

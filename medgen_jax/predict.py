@@ -56,6 +56,7 @@ import numpy as np
 
 from medgen_jax.data.nifti import from_ras, load_nifti, strip_nifti_suffix, write_bytes_atomic
 from medgen_jax.data.normalize import Normalizer
+from medgen_jax.paths import as_path
 
 OUTPUT_SUFFIX = "_seg.nii.gz"
 
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
                       help="site of the inputs; needed when the run's normalization is per-site "
                            "(site_range), ignored otherwise")
   args = parser.parse_args(argv)
-  workdir, out_dir = Path(args.workdir), Path(args.out)
+  workdir, out_dir = as_path(args.workdir), Path(args.out)  # the run may be in a bucket
   try:
     saved_channel = check_run(workdir)["data"]["channel"]
     channel = args.channel if args.channel is not None else (None if saved_channel < 0 else saved_channel)

@@ -352,6 +352,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   check_config(config, workdir)
   check_batch_fits_devices(config, parallel.device_count())
   resuming = (workdir / "config.json").is_file()
+  # Every process decides before process 0 may write config.json (_save_run_files).
+  parallel.barrier("medgen_jax.train_lib:resuming")
   if resuming and not (workdir / "splits.json").is_file():
     raise ValueError(f"{workdir}: holds a started run without its splits.json. Fix: restore the file, or "
                      "train again in a new --workdir")

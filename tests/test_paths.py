@@ -138,3 +138,20 @@ def test_a_bucket_without_its_file_system_package_is_one_error_naming_the_fix(bu
     pytest.skip("s3fs is installed")
   with pytest.raises(ValueError, match=r"--workdir s3://bucket/run: .*s3fs.*Fix: pip install .*s3fs for s3://"):
     runs.prepare_workdir("s3://bucket/run")
+
+
+def test_run_files_of_a_bucket_run_are_read_back_from_the_bucket(bucket, tmp_path):
+  """prepare_data(run_dir=gs://...) must find the run's splits.json (pathlib turned gs://b/x into
+  the local /gs/b/x, so a resume silently re-split): a saved split that names unknown cases is
+  refused, naming the bucket file."""
+  from helpers import make_sites_dataset
+  from medgen_jax.data.errors import DataError
+  from medgen_jax.data.pipeline import default_data_config, prepare_data
+  config = default_data_config()
+  config.root = str(make_sites_dataset(tmp_path / "toy", sites=("A", "B"), cases=3))
+  config.held_out = ("B",)
+  save_splits(f"{bucket}/run/splits.json", {"A": {"train": ["x0", "x1"], "val": [], "test": ["x2"]},
+                                           "B": {"train": [], "val": [], "test": ["case0", "case1", "case2"]}})
+  with pytest.raises(DataError, match="gs://bucket/run/splits.json"):
+    prepare_data(config, run_dir=f"{bucket}/run", build_train=False, progress=lambda *a: None)
+

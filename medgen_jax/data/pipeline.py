@@ -59,6 +59,7 @@ from medgen_jax.data.sampler import SliceCache, build_slice_cache
 from medgen_jax.data.splits import (check_same_cases, check_splits_match_cases, load_splits,
                                     make_splits, protocol_cases)
 from medgen_jax.data.synthesize import ensure_benchmark
+from medgen_jax.paths import as_path
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -133,7 +134,7 @@ def make_normalizer_from_config(norm: ml_collections.ConfigDict) -> Normalizer:
   return make_normalizer(norm.name, **options)
 
 
-def load_run_normalizer(path: Path, config_normalization: ml_collections.ConfigDict) -> Normalizer:
+def load_run_normalizer(path, config_normalization: ml_collections.ConfigDict) -> Normalizer:
   """The normalizer a run fitted (`normalizer.json`), checked against the config's settings."""
   try:
     saved = Normalizer.from_dict(json.loads(path.read_text()))
@@ -185,10 +186,10 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
   domain_ids = {s: i for i, s in enumerate(all_sites)}
   case_ids = {s: [c.case_id for c in cases] for s, cases in cases_by_site.items()}
 
-  run_info = Path(run_dir) / "data_info.json" if run_dir is not None else None
+  run_info = as_path(run_dir) / "data_info.json" if run_dir is not None else None
   if run_info is not None and run_info.is_file():
     check_same_cases(json.loads(run_info.read_text()).get("cases", case_ids), case_ids, source=str(run_info))
-  run_splits = Path(run_dir) / "splits.json" if run_dir is not None else None
+  run_splits = as_path(run_dir) / "splits.json" if run_dir is not None else None
   if run_splits is not None and run_splits.is_file():
     splits = load_splits(run_splits)
     check_splits_match_cases(splits, case_ids, source=str(run_splits))
@@ -237,7 +238,7 @@ def prepare_data(config: ml_collections.ConfigDict, *, run_dir: str | Path | Non
           "site is a test case, and test volumes are never fitted on)",
           "set data.target_adaptation=True (their train+val images become unlabelled adaptation "
           "data the range is fitted on), or use a per-volume normalization such as 'scaled'")
-  run_normalizer = Path(run_dir) / "normalizer.json" if run_dir is not None else None
+  run_normalizer = as_path(run_dir) / "normalizer.json" if run_dir is not None else None
   if run_normalizer is not None and run_normalizer.is_file():
     normalizer = load_run_normalizer(run_normalizer, config.normalization)
   else:
