@@ -60,11 +60,11 @@ copy() {
     tar --null --files-from=- --ignore-failed-read -czf "$tarball")
   tpu scp "$tarball" "$TPU:medgen_jax.tar.gz" --worker=all
   rm -f "$tarball"
-  # jax[tpu] of the same version as the jax that the project's pins resolve to (libtpu); the
+  # [gcs]: gs:// workdirs (gcsfs, google-cloud-storage); jax[tpu] of the same version as the jax that the project's pins resolve to (libtpu); the
   # $(...) is expanded on the workers
   # shellcheck disable=SC2016
   on_all_workers 'set -e; rm -rf medgen_jax; mkdir medgen_jax; tar -xzf medgen_jax.tar.gz -C medgen_jax
-    python3 -m pip install -q -e ./medgen_jax
+    python3 -m pip install -q -e "./medgen_jax[gcs]"
     python3 -m pip install -q "jax[tpu]==$(python3 -c "import jax; print(jax.__version__)")"'
 }
 
