@@ -61,17 +61,24 @@ def slice_stack(volume: np.ndarray, context_slices: int) -> np.ndarray:
   return np.moveaxis(volume[:, :, index], (2, 3), (0, 3)).astype(np.float32)
 
 
-def predict_volume(predict_fn, variables, image: np.ndarray, spacing, *, normalizer, data_config,
-                   batch_size: int, site: str | None = None, domain: int | None = None) -> np.ndarray:
-  """Label map [X, Y, Z] (uint8) on the grid of `image` (RAS+, as loaded). `site`: the volume's
-  site, needed when the normalizer is per-site ('site_range'); ignored otherwise. `domain`: the
-  volume's domain id for a `make_predict_fn(..., domains=True)` network (methods/base.domain_index)."""
+def preprocess_for_prediction(image: np.ndarray, spacing, *, normalizer, data_config, site: str | None = None):
+  """(volume [X', Y', Z] preprocessed exactly as for training, its in-plane spacing or None)."""
   in_plane_spacing = tuple(data_config.in_plane_spacing) or None
   processed, _ = preprocess_case(image, np.zeros(image.shape, np.uint8), spacing,
                                  normalizer=normalizer, in_plane_shape=tuple(data_config.in_plane_shape),
                                  in_plane_spacing=in_plane_spacing,
                                  bias_correction=data_config.bias_correction,
                                  bias_options=data_config.get("n4"), site=site)
+  return processed, in_plane_spacing
+
+
+def predict_volume(predict_fn, variables, image: np.ndarray, spacing, *, normalizer, data_config,
+                   batch_size: int, site: str | None = None, domain: int | None = None) -> np.ndarray:
+  """Label map [X, Y, Z] (uint8) on the grid of `image` (RAS+, as loaded). `site`: the volume's
+  site, needed when the normalizer is per-site ('site_range'); ignored otherwise. `domain`: the
+  volume's domain id for a `make_predict_fn(..., domains=True)` network (methods/base.domain_index)."""
+  processed, in_plane_spacing = preprocess_for_prediction(image, spacing, normalizer=normalizer,
+                                                          data_config=data_config, site=site)
   stack = slice_stack(processed, data_config.context_slices)
   depth = len(stack)
   padded = -(-depth // batch_size) * batch_size
@@ -194,12 +201,8 @@ def predict_volume_patches(apply_fn, image: np.ndarray, spacing, *, normalizer, 
   preprocessed as for training (as predict_volume, then [Z, H, W, 1] as data/patches.build_volumes
   keeps it), segmented by sliding_window_predict (`apply_fn`: [B, *patch_size, 1] -> logits), the
   argmax mapped back by to_case_grid. `data_config.in_plane_shape` () keeps the in-plane size."""
-  in_plane_spacing = tuple(data_config.in_plane_spacing) or None
-  processed, _ = preprocess_case(image, np.zeros(image.shape, np.uint8), spacing,
-                                 normalizer=normalizer, in_plane_shape=tuple(data_config.in_plane_shape),
-                                 in_plane_spacing=in_plane_spacing,
-                                 bias_correction=data_config.bias_correction,
-                                 bias_options=data_config.get("n4"), site=site)
+  processed, in_plane_spacing = preprocess_for_prediction(image, spacing, normalizer=normalizer,
+                                                          data_config=data_config, site=site)
   logits = sliding_window_predict(apply_fn, np.moveaxis(processed, 2, 0)[..., None], patch_size=patch_size,
                                   overlap=overlap, batch_size=batch_size)
   return to_case_grid(np.moveaxis(np.argmax(logits, axis=-1), 0, 2), image.shape, spacing, in_plane_spacing)
