@@ -190,7 +190,12 @@ def relative(a, b, scale):
 # --- the meta-gradient -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["mldg", "masf", "saml"])
+# MASF and SAML (~27 s each) are slow: their meta-gradient is MLDG's nested-grad machinery
+# (methods/episodic.py, checked here against central differences in CI) with their own losses,
+# which test_dg_losses checks against numpy; their steps run in CI in the n-device and
+# end-to-end tests below.
+@pytest.mark.parametrize("method", ["mldg", pytest.param("masf", marks=pytest.mark.slow),
+                                    pytest.param("saml", marks=pytest.mark.slow)])
 def test_meta_gradient_matches_float64_central_differences(reference, method):
   ref = reference(method)
   exact = ref.exact

@@ -201,7 +201,7 @@ def test_oracle_selection_is_labelled(dataset, tmp_path):
 
 
 def _cli(*args, cwd):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ)  # conftest's XLA flags (4 devices, -O0: compiling dominates here)
   return subprocess.run([sys.executable, "-m", "medgen_jax.train", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -225,7 +225,7 @@ def test_cli_end_to_end_and_unknown_key(dataset, tmp_path):
   assert bad.returncode == 2
   assert 'unknown config key "optimiser"; did you mean "optimizer"?' in bad.stderr
   assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ)  # conftest's XLA flags (4 devices, -O0: compiling dominates here)
   evaluated = subprocess.run([sys.executable, "-m", "medgen_jax.evaluate", "--workdir", str(tmp_path / "run"),
                               "--selection", "last"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=300)
@@ -353,7 +353,7 @@ def _with_selection(workdir, selection):
 
 
 def _run_module(module, *args, cwd=REPO):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ)  # conftest's XLA flags (4 devices, -O0: compiling dominates here)
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=300)
 

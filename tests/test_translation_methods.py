@@ -374,6 +374,8 @@ def test_cyclegan_generator_and_discriminator_steps_are_sgd_on_the_hand_written_
   np.testing.assert_allclose(m_d["loss_d_t"], loss_d, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~35 s; the pmapped CycleGAN step runs in CI in the end-to-end test (4 devices),
+# its math in the hand-written-loss tests, and device equality for a dozen other steps
 def test_cyclegan_step_on_two_devices_equals_one_device(cyclegan_parts, batch):
   """Three full steps (Adam): generators, D_t, D_s with the pools past filling, the U-Net with
   its BatchNorm; both replicas identical."""

@@ -17,7 +17,6 @@ from medgen_jax.data.pipeline import prepare_data
 from medgen_jax.data.sampler import SourceTargetSampler
 from medgen_jax.methods import base, deepall
 from medgen_jax.methods.uda import dann
-from medgen_jax.models import UNet
 
 UDA = {"data.sites": ("A",), "data.held_out": ("C",), "data.target_adaptation": True,
        "eval.selection": "last"}
@@ -212,6 +211,8 @@ def test_dann_gradients_are_the_segmentation_gradient_minus_lambda_times_the_dom
   assert int(new.first_bad_step) == 0
 
 
+@pytest.mark.slow  # ~23 s; the pmapped DANN step runs in CI in the end-to-end test (4 devices), its
+# gradients in the hand-gradient test, and device equality for the other adversarial steps
 def test_dann_step_on_two_devices_equals_one_device(uda_batch):
   config, _, batch = uda_batch
   state, step = _dann_parts(config)
