@@ -11,9 +11,9 @@ calls `jax.distributed.initialize` before any device is touched (from the train 
 --coordinator_address/--num_processes/--process_id, or from the environment on TPU VMs and under
 Slurm with MEDGEN_JAX_DISTRIBUTED=1); CPU processes talk through gloo. Then the pmap spans every
 device of every process, ordered by process (`global_devices`). Every process draws the SAME
-global batch from the same sampler seed and `DataParallel` feeds its devices their rows of it
-(`process_rows`), so N processes × M devices compute exactly what one process with N·M devices
-computes. Only process 0 writes files (`is_main_process`); checkpoints are saved and restored by
+global batch from the same sampler seed and feeds its devices its rows of it (`process_rows`, or a
+sampler's `batch_at(step, block=process_block())` that assembles only those rows), so N processes
+× M devices compute exactly what one process with N·M devices computes. Only process 0 writes files (`is_main_process`); checkpoints are saved and restored by
 every process together (orbax's multi-host protocol).
 """
 
@@ -78,6 +78,12 @@ def global_devices() -> list:
   """Every process's devices, process 0's first: process p's devices hold the p-th contiguous
   block of the pmapped axis, the rows `process_rows` gives it."""
   return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+
+
+def process_block() -> tuple[int, int]:
+  """(this process's index, number of processes): the block of a global batch this process keeps,
+  for a sampler's `batch_at(step, block=...)` that assembles only those rows."""
+  return jax.process_index(), jax.process_count()
 
 
 def process_rows(batch, *, process_index: int | None = None, process_count: int | None = None):
@@ -163,13 +169,15 @@ class DataParallel:
     process's devices only)."""
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x[0])), tree)
 
-  def _local_shards(self, host_batch):
-    return shard_batch(process_rows(host_batch), self.num_local)
+  def _local_shards(self, host_batch, *, rows_only: bool = False):
+    return shard_batch(host_batch if rows_only else process_rows(host_batch), self.num_local)
 
-  def put(self, host_batch):
+  def put(self, host_batch, *, rows_only: bool = False):
     """Splits this process's rows of a global host batch [B, ...] over its devices and starts
-    copying them (the layout the pmapped step takes, so the step does not copy it again)."""
-    shards = self._local_shards(host_batch)
+    copying them (the layout the pmapped step takes, so the step does not copy it again).
+    `rows_only`: `host_batch` already holds only this process's rows (a sampler's
+    `batch_at(step, block=process_block())`)."""
+    shards = self._local_shards(host_batch, rows_only=rows_only)
     if jax.process_count() == 1:
       return jax.device_put(shards, self._sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self._sharding, x), shards)

@@ -261,7 +261,9 @@ def _train_loop(config, data, parts: RunParts, state, sampler, ckpts, *, name, s
           "set, or check the data (python -m medgen_jax.data.check <data root>)")
 
   def device_batch(step: int):
-    return runner.put(sampler.batch_at(step)), jax.random.fold_in(base_key, step)
+    # Each process assembles only its rows of the step's global batch (same draws everywhere).
+    rows = sampler.batch_at(step, block=parallel.process_block())
+    return runner.put(rows, rows_only=True), jax.random.fold_in(base_key, step)
 
   # Training time between two logs, without evaluation, saving and the first step (compilation).
   train_seconds, tic, logged_step = 0.0, time.perf_counter(), start

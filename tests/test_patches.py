@@ -156,3 +156,15 @@ def test_build_volumes_preprocesses_cases_like_the_slice_cache():
   resampled = build_volumes({"S": cases[:1]}, normalizer=normalizer, domain_ids={"S": 0},
                             in_plane_spacing=(2.0, 2.0), in_plane_shape=(8, 8))
   assert resampled.sites["S"][0].image.shape == (4, 8, 8, 1) and resampled.sites["S"][0].spacing == (3.0, 2.0, 2.0)
+
+
+def test_a_process_block_is_its_rows_of_the_whole_batch(volumes):
+  from medgen_jax import parallel
+  sampler = PatchSampler(volumes, sites=["A", "B"], batch_size=6, patch_size=PATCH, seed=3)
+  whole = sampler.batch_at(4)
+  for processes in (2, 3):
+    for p in range(processes):
+      rows = sampler.batch_at(4, block=(p, processes))
+      expected = parallel.process_rows(whole, process_index=p, process_count=processes)
+      for key in whole:
+        np.testing.assert_array_equal(rows[key], expected[key])

@@ -233,3 +233,30 @@ def test_prepare_data_errors_name_the_key(tmp_path):
   config.lock()  # as the trainer does: a misspelt key fails instead of being ignored
   with pytest.raises(AttributeError, match="normalisation"):
     config.normalisation = "whitening"
+
+
+@pytest.mark.parametrize("processes", [2, 3, 4])
+def test_a_process_block_is_its_rows_of_the_whole_batch(processes):
+  """batch_at(step, block=(p, P)) assembles only process p's rows, and they are exactly
+  parallel.process_rows of the whole batch (blocks not aligned with the site interleave too)."""
+  from medgen_jax.data.sampler import SourceTargetSampler
+  cache = _toy_cache(depths=(5, 4), sites=("A", "B", "C", "D", "E"))
+  samplers = [SliceSampler(cache, sites=["A", "B"], batch_size=12, seed=1),
+              EpisodicSampler(cache, sites=["A", "B", "C"], meta_train_domains=2, meta_test_domains=1,
+                              slices_per_domain=12, seed=2),
+              SourceTargetSampler(cache, cache, sources=["A", "B", "C"], targets=["D", "E"], batch_size=12,
+                                  target_batch_size=24, seed=3)]
+  for sampler in samplers:
+    whole = sampler.batch_at(7)
+    for p in range(processes):
+      rows = sampler.batch_at(7, block=(p, processes))
+      expected = parallel.process_rows(whole, process_index=p, process_count=processes)
+      assert jax_tree_equal(rows, expected), (type(sampler).__name__, p)
+  with pytest.raises(ValueError, match="cannot be split over 5 processes"):
+    samplers[0].batch_at(0, block=(0, 5))
+
+
+def jax_tree_equal(a, b) -> bool:
+  import jax
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(la, lb))

@@ -97,10 +97,10 @@ def test_killed_run_resumes_bit_identical(dataset, tmp_path, monkeypatch):
 
   original_batch_at = SliceSampler.batch_at
 
-  def crash_at_step_6(self, step):  # after step 5 was logged, not saved: it is redone after the restart
+  def crash_at_step_6(self, step, **kw):  # after step 5 was logged, not saved: it is redone after the restart
     if step == 5:
       raise KeyboardInterrupt("simulated kill")
-    return original_batch_at(self, step)
+    return original_batch_at(self, step, **kw)
 
   interrupted = tmp_path / "interrupted"
   monkeypatch.setattr(SliceSampler, "batch_at", crash_at_step_6)
@@ -144,8 +144,8 @@ def test_workdir_with_a_different_config_is_refused(dataset, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
   original = SliceSampler.batch_at
 
-  def poisoned(self, step):
-    batch = original(self, step)
+  def poisoned(self, step, **kw):
+    batch = original(self, step, **kw)
     if step == 4:
       batch["image"] = np.full_like(batch["image"], np.nan)
     return batch

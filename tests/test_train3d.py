@@ -58,10 +58,10 @@ def test_trains_on_patches_and_resumes_bit_identically_after_a_kill(dataset, str
   original = PatchSampler.batch_at
   drawn = []
 
-  def crash_at_step_3(self, step):   # step 2 was saved; steps 3 and 4 are redone after the restart
+  def crash_at_step_3(self, step, **kw):   # step 2 was saved; steps 3 and 4 are redone after the restart
     if step == 3:
       raise KeyboardInterrupt("simulated kill")
-    batch = original(self, step)
+    batch = original(self, step, **kw)
     drawn.append(batch["image"].shape)
     return batch
 

@@ -599,8 +599,8 @@ def test_cyclegan_trains_end_to_end_without_target_labels(two_sites, tmp_path, m
   seen = []
   original = SourceTargetSampler.batch_at
 
-  def recording(self, step):
-    out = original(self, step)
+  def recording(self, step, **kw):
+    out = original(self, step, **kw)
     seen.append((out, all(self.adapt_cache.sites[s].labels is None for s in self.targets)))
     return out
 

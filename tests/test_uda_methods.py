@@ -328,10 +328,10 @@ def test_killed_adaptation_run_resumes_bit_identical_across_its_phases(two_sites
   train_lib.train_and_evaluate(config(), tmp_path / "straight")
   original = SourceTargetSampler.batch_at
 
-  def killed_at_step_5(self, step):  # step 4 (a critic step) was saved; 5 (DAM) is redone
+  def killed_at_step_5(self, step, **kw):  # step 4 (a critic step) was saved; 5 (DAM) is redone
     if step == 5:
       raise KeyboardInterrupt("simulated kill")
-    return original(self, step)
+    return original(self, step, **kw)
 
   monkeypatch.setattr(SourceTargetSampler, "batch_at", killed_at_step_5)
   with pytest.raises(KeyboardInterrupt):

@@ -35,7 +35,7 @@ import numpy as np
 
 from medgen_jax.data.errors import DataError
 from medgen_jax.data.preprocess import preprocess_case
-from medgen_jax.data.sampler import _per_site, _Resumable
+from medgen_jax.data.sampler import _per_site, _Resumable, block_rows
 
 OVERSAMPLE_FOREGROUND = 0.33   # nnU-Net's oversample_foreground_percent
 
@@ -195,18 +195,20 @@ class PatchSampler(_Resumable):
     self.per_site = _per_site(self.batch_size, self.sites, key="batch_size", role="source")
     self.forced = forced_foreground(self.batch_size, oversample_foreground)
 
-  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+  def batch_at(self, step: int, *, block: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
     rng = self._rng(step)
     n = len(self.sites)
-    image = np.empty((self.batch_size,) + self.patch_size + (self.channels,), np.float32)
-    label = np.empty((self.batch_size,) + self.patch_size, np.int32)
-    domain = np.empty((self.batch_size,), np.int32)
+    start, stop = block_rows(self.batch_size, block)  # every draw is made; only these are cropped
+    image = np.empty((stop - start,) + self.patch_size + (self.channels,), np.float32)
+    label = np.empty((stop - start,) + self.patch_size, np.int32)
+    domain = np.empty((stop - start,), np.int32)
     for b in range(self.batch_size):
       site = self.sites[b % n]
       site_volumes = self.volumes.sites[site]
       volume = site_volumes[rng.integers(len(site_volumes))]
       corner = sample_corner(volume, self.patch_size, rng, force_foreground=bool(self.forced[b]))
-      image[b] = crop(volume.image, corner, self.patch_size)
-      label[b] = crop(volume.label, corner, self.patch_size)
-      domain[b] = b % n
+      if start <= b < stop:
+        image[b - start] = crop(volume.image, corner, self.patch_size)
+        label[b - start] = crop(volume.label, corner, self.patch_size)
+        domain[b - start] = b % n
     return {"image": image, "label": label, "domain": domain}

@@ -167,27 +167,45 @@ def build_slice_cache(cases_by_site: Mapping[str, Sequence], *, normalizer, in_p
   return SliceCache(out, dict(domain_ids), context_slices)
 
 
+def block_rows(size: int, block: tuple[int, int]) -> tuple[int, int]:
+  """Rows [start, stop) of block p of P contiguous blocks of a batch of `size` (multi-host: the
+  rows process p keeps, parallel.process_rows)."""
+  p, count = block
+  if size % count:
+    raise ValueError(f"a batch of {size} cannot be split over {count} processes; use a batch size that is "
+                     f"a multiple of the number of devices")
+  return p * (size // count), (p + 1) * (size // count)
+
+
 def _balanced_batch(cache: SliceCache, sites: Sequence[str], per_site: int,
                     rng: np.random.Generator, *, labels: bool = True,
-                    domain_ids: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+                    domain_ids: Mapping[str, int] | None = None,
+                    block: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
   """`per_site` random slices from each site, interleaved A, B, C, A, B, C, ...
   `labels=False`: {'image', 'domain'} only, and no label is read. `domain` = `domain_ids[site]`
-  (default: the cache's dataset-wide ids)."""
+  (default: the cache's dataset-wide ids). `block=(p, P)`: only rows of block p of P of that
+  batch are gathered (the random draws are the same), what process p of P keeps."""
   domain_ids = cache.domain_ids if domain_ids is None else domain_ids
   n = len(sites)
+  start, stop = block_rows(per_site * n, block)
   first = cache.sites[sites[0]]
   h, w = first.images.shape[1:]
-  image = np.empty((per_site * n, h, w, cache.context_slices), np.float32)
-  label = np.empty((per_site * n, h, w), np.int32) if labels else None
-  domain = np.empty((per_site * n,), np.int32)
+  image = np.empty((stop - start, h, w, cache.context_slices), np.float32)
+  label = np.empty((stop - start, h, w), np.int32) if labels else None
+  domain = np.empty((stop - start,), np.int32)
   for j, site in enumerate(sites):
     eligible = cache.sites[site].eligible
     idx = eligible[rng.integers(0, len(eligible), size=per_site)]
+    # global rows j, j + n, j + 2n, ... of this site that fall in [start, stop)
+    k0 = max(0, -(-(start - j) // n))
+    k1 = max(k0, -(-(stop - j) // n))
+    first_row = j + n * k0 - start
+    idx = idx[k0:k1]
     if labels:
-      cache.gather(site, idx, out=(image[j::n], label[j::n]))
+      cache.gather(site, idx, out=(image[first_row::n], label[first_row::n]))
     else:
-      cache.gather_images(site, idx, out=image[j::n])
-    domain[j::n] = domain_ids[site]
+      cache.gather_images(site, idx, out=image[first_row::n])
+    domain[first_row::n] = domain_ids[site]
   if not labels:
     return {"image": image, "domain": domain}
   return {"image": image, "label": label, "domain": domain}
@@ -208,7 +226,9 @@ class _Resumable:
     self.step += 1
     return batch
 
-  def batch_at(self, step: int):
+  def batch_at(self, step: int, *, block: tuple[int, int] = (0, 1)):
+    """The batch of `step`; with `block=(p, P)` only block p of P of each of its arrays (the
+    same rows as parallel.process_rows of the whole batch, without assembling the others)."""
     raise NotImplementedError
 
   def _rng(self, step: int) -> np.random.Generator:
@@ -260,9 +280,9 @@ class SliceSampler(_Resumable):
                              f"use a multiple of {len(self.sites)} so each batch is domain-balanced")
     self.per_site = batch_size // len(self.sites)
 
-  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+  def batch_at(self, step: int, *, block: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
     return _balanced_batch(self.cache, self.sites, self.per_site, self._rng(step),
-                           domain_ids={site: i for i, site in enumerate(self.sites)})
+                           domain_ids={site: i for i, site in enumerate(self.sites)}, block=block)
 
 
 class EpisodicSampler(_Resumable):
@@ -288,13 +308,13 @@ class EpisodicSampler(_Resumable):
     self.meta_test_domains = meta_test_domains
     self.slices_per_domain = slices_per_domain
 
-  def batch_at(self, step: int) -> dict[str, dict[str, np.ndarray]]:
+  def batch_at(self, step: int, *, block: tuple[int, int] = (0, 1)) -> dict[str, dict[str, np.ndarray]]:
     rng = self._rng(step)
     order = [self.sites[i] for i in rng.permutation(len(self.sites))]
     train_sites = order[: self.meta_train_domains]
     test_sites = order[self.meta_train_domains: self.meta_train_domains + self.meta_test_domains]
-    return {"meta_train": _balanced_batch(self.cache, train_sites, self.slices_per_domain, rng),
-            "meta_test": _balanced_batch(self.cache, test_sites, self.slices_per_domain, rng)}
+    return {"meta_train": _balanced_batch(self.cache, train_sites, self.slices_per_domain, rng, block=block),
+            "meta_test": _balanced_batch(self.cache, test_sites, self.slices_per_domain, rng, block=block)}
 
 
 class SourceTargetSampler(_Resumable):
@@ -334,8 +354,8 @@ class SourceTargetSampler(_Resumable):
     self.per_target = _per_site(self.target_batch_size, self.targets, key="target_batch_size",
                                 role="target")
 
-  def batch_at(self, step: int) -> dict[str, dict[str, np.ndarray]]:
+  def batch_at(self, step: int, *, block: tuple[int, int] = (0, 1)) -> dict[str, dict[str, np.ndarray]]:
     rng = self._rng(step)
-    return {"source": _balanced_batch(self.cache, self.sources, self.per_source, rng),
+    return {"source": _balanced_batch(self.cache, self.sources, self.per_source, rng, block=block),
             "target": _balanced_batch(self.adapt_cache, self.targets, self.per_target, rng,
-                                      labels=False)}
+                                      labels=False, block=block)}
