@@ -12,9 +12,10 @@ calls `jax.distributed.initialize` before any device is touched (from the train 
 Slurm with MEDGEN_JAX_DISTRIBUTED=1); CPU processes talk through gloo. Then the pmap spans every
 device of every process, ordered by process (`global_devices`). Every process draws the SAME
 global batch from the same sampler seed and feeds its devices its rows of it (`process_rows`, or a
-sampler's `batch_at(step, block=process_block())` that assembles only those rows), so N processes
-× M devices compute exactly what one process with N·M devices computes. Only process 0 writes files (`is_main_process`); checkpoints are saved and restored by
-every process together (orbax's multi-host protocol).
+sampler's `batch_at(step, block=process_block())` that assembles only those rows), so N
+processes × M devices compute exactly what one process with N·M devices computes. Only process 0
+writes files (`is_main_process`); checkpoints are saved and restored by every process together
+(orbax's multi-host protocol).
 """
 
 from __future__ import annotations
@@ -86,6 +87,16 @@ def process_block() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
+def block_rows(size: int, block: tuple[int, int]) -> tuple[int, int]:
+  """Rows [start, stop) of block p of P contiguous blocks of a batch of `size`: the rows process
+  p of P keeps (`process_rows`, and the samplers' `batch_at(step, block=...)`)."""
+  p, count = block
+  if size % count:
+    raise ValueError(f"a batch of {size} cannot be split over {count} processes; use a batch size that is "
+                     f"a multiple of the number of devices")
+  return p * (size // count), (p + 1) * (size // count)
+
+
 def process_rows(batch, *, process_index: int | None = None, process_count: int | None = None):
   """This process's rows of a global batch: each leaf [B, ...] -> its p-th of P contiguous blocks
   [B / P, ...] (the identity with one process)."""
@@ -96,11 +107,8 @@ def process_rows(batch, *, process_index: int | None = None, process_count: int 
 
   def rows(x):
     x = np.asarray(x)
-    if x.shape[0] % n:
-      raise ValueError(f"global batch of {x.shape[0]} cannot be split over {n} processes; use a batch "
-                       f"size that is a multiple of the {jax.device_count()} devices")
-    block = x.shape[0] // n
-    return x[p * block:(p + 1) * block]
+    start, stop = block_rows(x.shape[0], (p, n))
+    return x[start:stop]
 
   return jax.tree.map(rows, batch)
 

@@ -109,8 +109,9 @@ def make_sampler(config, data: PreparedData, sources):
   """The sampler the method asks for (its SAMPLER): pooled, episodic or source + target; with
   data.patch_size set, pooled 3-D patches (data/patches.PatchSampler; config.validate admits only
   pooled methods in 3-D)."""
-  # The same seed in every process: each draws the same global batch and keeps its rows of it
-  # (parallel.DataParallel), so the run does not depend on how many processes share it.
+  # The same seed in every process: each draws the same global batch and assembles its rows of it
+  # (batch_at(step, block=parallel.process_block())), so the run does not depend on how many
+  # processes share it.
   seed = config.seed
   kind = methods.get(config.method).SAMPLER
   if kind == "pooled" and is_volumetric(config.data):

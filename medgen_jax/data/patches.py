@@ -35,7 +35,8 @@ import numpy as np
 
 from medgen_jax.data.errors import DataError
 from medgen_jax.data.preprocess import preprocess_case
-from medgen_jax.data.sampler import _per_site, _Resumable, block_rows
+from medgen_jax.data.sampler import _per_site, _Resumable
+from medgen_jax.parallel import block_rows
 
 OVERSAMPLE_FOREGROUND = 0.33   # nnU-Net's oversample_foreground_percent
 

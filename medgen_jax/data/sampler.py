@@ -26,6 +26,7 @@ import numpy as np
 
 from medgen_jax.data.errors import DataError
 from medgen_jax.data.preprocess import context_offsets, preprocess_case
+from medgen_jax.parallel import block_rows
 
 SLICE_SELECTIONS = ("foreground", "all")
 UNLABELLED_SLICE_SELECTIONS = ("nonempty", "all")  # label-free caches: no 'foreground' without labels
@@ -165,16 +166,6 @@ def build_slice_cache(cases_by_site: Mapping[str, Sequence], *, normalizer, in_p
                            np.concatenate(last), eligible, [c.case_id for c in cases],
                            np.concatenate(case_index))
   return SliceCache(out, dict(domain_ids), context_slices)
-
-
-def block_rows(size: int, block: tuple[int, int]) -> tuple[int, int]:
-  """Rows [start, stop) of block p of P contiguous blocks of a batch of `size` (multi-host: the
-  rows process p keeps, parallel.process_rows)."""
-  p, count = block
-  if size % count:
-    raise ValueError(f"a batch of {size} cannot be split over {count} processes; use a batch size that is "
-                     f"a multiple of the number of devices")
-  return p * (size // count), (p + 1) * (size // count)
 
 
 def _balanced_batch(cache: SliceCache, sites: Sequence[str], per_site: int,
